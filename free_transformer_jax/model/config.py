@@ -1,0 +1,150 @@
+"""Model configuration: one frozen dataclass, validated at construction.
+
+Config files (``configs/*.py``) hold an ``ml_collections.ConfigDict`` whose ``model`` section is turned
+into a :class:`ModelConfig` with :func:`ModelConfig.from_dict`; every check that can be made without
+a mesh happens here so a bad value fails before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+LATENT_IMPLS = ("fused", "dense")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Free Transformer (or, with ``latent=False``, its Llama baseline)."""
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0: d_model // n_heads
+    ffn_dim: int = 0  # 0: a Llama-like 8/3 * d_model rounded up to a multiple of 256
+    rope_theta: float = 10_000.0
+    # Llama-3.1 style RoPE frequency scaling (0 = off); read from HF configs by convert.py.
+    rope_scaling_factor: float = 0.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # The latent path (SPEC sections 2-5).
+    latent: bool = True
+    latent_bits: int = 16  # H; C = 2**H codes
+    kappa_bits: float = 0.5  # free bits per token, in bits (kappa in nats = kappa_bits * ln 2)
+    kl_weight: float = 1.0
+    inject_layer: int = -1  # -1: n_layers // 2. The encoder reads the stream after this many blocks.
+    latent_impl: str = "fused"
+    encoder_abs_pos: bool = True  # add a gated sinusoid to the encoder's zeta queries (see BUILD_NOTES)
+    latent_token_chunk: int = 256  # fused backward: positions per chunk (0 = whole sequence)
+    latent_code_chunk: int = 0  # fused backward: codes per chunk (0 = all codes at once)
+    # Numerics and memory.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        def fail(field: str, msg: str):
+            raise ConfigError(f"model.{field}={getattr(self, field)!r}: {msg}")
+
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads"):
+            if getattr(self, field) < 1:
+                fail(field, "must be a positive integer")
+        if self.n_heads % self.n_kv_heads:
+            fail("n_kv_heads", f"must divide n_heads={self.n_heads} (grouped-query attention)")
+        if self.head_dim == 0 and self.d_model % self.n_heads:
+            fail("head_dim", f"is 0 (derive) but d_model={self.d_model} is not divisible by "
+                 f"n_heads={self.n_heads}; set head_dim explicitly")
+        if self.resolved_head_dim % 2:
+            fail("head_dim", "must be even for rotary embeddings")
+        if self.head_dim < 0 or self.ffn_dim < 0:
+            fail("head_dim" if self.head_dim < 0 else "ffn_dim", "must be >= 0 (0 derives it)")
+        if self.rope_theta <= 0:
+            fail("rope_theta", "must be > 0")
+        if self.norm_eps <= 0:
+            fail("norm_eps", "must be > 0")
+        if self.dtype not in DTYPES:
+            fail("dtype", f"must be one of {sorted(DTYPES)}")
+        if self.param_dtype not in DTYPES:
+            fail("param_dtype", f"must be one of {sorted(DTYPES)}")
+        if self.remat_policy not in REMAT_POLICIES:
+            fail("remat_policy", f"must be one of {REMAT_POLICIES}")
+        if self.latent_impl not in LATENT_IMPLS:
+            fail("latent_impl", f"must be one of {LATENT_IMPLS}")
+        if not 1 <= self.latent_bits <= 24:
+            fail("latent_bits", "must be in [1, 24] (C = 2**H codes; the paper uses 16)")
+        if self.kappa_bits < 0:
+            fail("kappa_bits", "must be >= 0 (free bits per token, in bits)")
+        if self.kl_weight < 0:
+            fail("kl_weight", "must be >= 0")
+        if not -1 <= self.inject_layer < self.n_layers or (self.n_layers == 1 and self.inject_layer != 0):
+            fail("inject_layer", f"must be in [0, n_layers-1] = [0, {self.n_layers - 1}] "
+                 "(or -1 for n_layers // 2): at least one block must follow the encoder")
+        if self.latent_token_chunk < 0 or self.latent_code_chunk < 0:
+            fail("latent_token_chunk" if self.latent_token_chunk < 0 else "latent_code_chunk",
+                 "must be >= 0 (0 = no chunking)")
+        if self.latent_code_chunk and (2**self.latent_bits) % self.latent_code_chunk:
+            fail("latent_code_chunk", f"must divide the number of codes 2**{self.latent_bits}")
+
+    # Derived values -------------------------------------------------------------------------------
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def resolved_ffn_dim(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        return 256 * math.ceil(8 * self.d_model / 3 / 256)
+
+    @property
+    def resolved_inject_layer(self) -> int:
+        return self.n_layers // 2 if self.inject_layer == -1 else self.inject_layer
+
+    @property
+    def num_codes(self) -> int:
+        return 2**self.latent_bits
+
+    @property
+    def kappa_nats(self) -> float:
+        return self.kappa_bits * math.log(2.0)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    # Conversions ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Builds from a mapping (e.g. ``config.model``); an unknown key is an error."""
+        d = dict(d.items()) if hasattr(d, "items") else dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)

@@ -1,0 +1,156 @@
+"""The latent path: Binary Mapper + post-sampler (SPEC sections 2.3-2.4 and 5), and the KL to the
+uniform prior with free bits (SPEC section 3).
+
+Codes: H independent bits per position, ``code = sum_h bit_h * 2**h`` (bit 0 least significant),
+``C = 2**H`` codes. The post-sampler is a ``C x D`` table ``W``; the mapper's output
+``Z = Y + G - stop_gradient(G)`` (``Y`` the one-hot of the sampled code, ``G`` the full probability
+vector over codes) is multiplied by ``W``.
+
+Two implementations of ``Z @ W``, selected by ``ModelConfig.latent_impl``:
+  * ``dense``: that formula, autodiffed. Builds tokens x C tensors: the reference, small H only.
+  * ``fused``: one ``jax.custom_vjp``. Forward is a gather ``W[code]``; backward computes the exact
+    same gradients in float32, chunked over positions (and optionally codes) so that no
+    tokens x C tensor is ever whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+LN2 = math.log(2.0)
+
+
+# Codes and bits ----------------------------------------------------------------------------------
+def bit_table(start: int | Array, n: int, n_bits: int) -> Array:
+    """(n, H) float32 table U with U[i, h] = bit h of code (start + i)."""
+    codes = start + jnp.arange(n, dtype=jnp.int32)
+    return ((codes[:, None] >> jnp.arange(n_bits, dtype=jnp.int32)[None, :]) & 1).astype(jnp.float32)
+
+
+def bits_to_codes(bits_BTH: Array) -> Array:
+    """Integer codes from bits, bit 0 least significant."""
+    n_bits = bits_BTH.shape[-1]
+    weights = (1 << jnp.arange(n_bits, dtype=jnp.int32))
+    return jnp.sum(bits_BTH.astype(jnp.int32) * weights, axis=-1)
+
+
+def codes_to_bits(codes_BT: Array, n_bits: int) -> Array:
+    return (codes_BT[..., None] >> jnp.arange(n_bits, dtype=jnp.int32)) & 1
+
+
+def sample_codes(key: Array, logits_BTH: Array) -> Array:
+    """Samples each bit with P(bit = 1) = sigmoid(logit) (never a threshold) and packs the codes."""
+    probs = jax.nn.sigmoid(logits_BTH.astype(jnp.float32))
+    bits = jax.random.uniform(key, logits_BTH.shape, jnp.float32) < probs
+    return bits_to_codes(bits)
+
+
+def prior_codes(key: Array, shape: tuple[int, ...], n_bits: int) -> Array:
+    """Codes drawn uniformly from {0 .. 2**H - 1} (the prior used at generation)."""
+    return jax.random.randint(key, shape, 0, 2**n_bits, dtype=jnp.int32)
+
+
+def log_code_probs(logits_NH: Array, bits_CH: Array) -> Array:
+    """log G: (N, C) log-probabilities of the codes whose bits are the rows of ``bits_CH``."""
+    l32 = logits_NH.astype(jnp.float32)
+    return l32 @ bits_CH.T - jnp.sum(jax.nn.softplus(l32), axis=-1, keepdims=True)
+
+
+# KL to the uniform prior -------------------------------------------------------------------------
+def kl_per_token(logits_BTH: Array) -> Array:
+    """Exact KL(Q(Z_t | ...) || uniform over C codes) in nats: sum_h (ln 2 - Hb(sigmoid(l_h)))."""
+    l = logits_BTH.astype(jnp.float32)
+    p = jax.nn.sigmoid(l)
+    entropy = p * jax.nn.softplus(-l) + (1.0 - p) * jax.nn.softplus(l)  # binary entropy, nats
+    return jnp.sum(LN2 - entropy, axis=-1)
+
+
+def free_bits_kl(kl_BT: Array, kappa_nats: float, mask_BT: Array | None = None) -> Array:
+    """mean_t max(0, KL_t - kappa): the hinge is applied per token, then averaged (masked)."""
+    hinge = jnp.maximum(kl_BT - kappa_nats, 0.0)
+    if mask_BT is None:
+        return jnp.mean(hinge)
+    mask = mask_BT.astype(jnp.float32)
+    return jnp.sum(hinge * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+# Z @ W: the dense reference ----------------------------------------------------------------------
+def dense_post_sampler(logits_BTH: Array, table_CD: Array, codes_BT: Array) -> Array:
+    """``(Y + G - stop_gradient(G)) @ W`` exactly as written in the paper (Eq. 8)."""
+    n_codes, n_bits = table_CD.shape[0], logits_BTH.shape[-1]
+    g_full = jnp.exp(log_code_probs(logits_BTH, bit_table(0, n_codes, n_bits)))
+    y = jax.nn.one_hot(codes_BT, n_codes, dtype=jnp.float32)
+    z = y + g_full - jax.lax.stop_gradient(g_full)
+    return jnp.einsum("btc,cd->btd", z, table_CD.astype(jnp.float32))
+
+
+# Z @ W: the fused custom_vjp ---------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fused_post_sampler(logits_BTH: Array, table_CD: Array, codes_BT: Array,
+                       token_chunk: int = 256, code_chunk: int = 0) -> Array:
+    """Same value and gradients as :func:`dense_post_sampler`; forward is ``W[codes]``."""
+    return jnp.take(table_CD, codes_BT, axis=0).astype(jnp.float32)
+
+
+def _fused_fwd(logits, table, codes, token_chunk, code_chunk):
+    out = fused_post_sampler(logits, table, codes, token_chunk, code_chunk)
+    return out, (logits, table, codes)
+
+
+def _chunk_logit_grad(l_BTH: Array, g_BTD: Array, table_CD: Array, code_chunk: int) -> Array:
+    """dL/dl for one chunk of positions: (c*G) @ U - sigmoid(l) * sum_d (c*G)_d, c = g @ W^T."""
+    n_codes, n_bits = table_CD.shape[0], l_BTH.shape[-1]
+    block = code_chunk or n_codes
+    l_BTH = l_BTH.astype(jnp.float32)
+    softplus_sum = jnp.sum(jax.nn.softplus(l_BTH), axis=-1, keepdims=True)
+
+    def partial_sums(start, table_blk):
+        bits = bit_table(start, block, n_bits)  # (block, H)
+        c = jnp.einsum("btd,cd->btc", g_BTD, table_blk.astype(jnp.float32))
+        weighted = c * jnp.exp(jnp.einsum("bth,ch->btc", l_BTH, bits) - softplus_sum)
+        return jnp.einsum("btc,ch->bth", weighted, bits), jnp.sum(weighted, axis=-1, keepdims=True)
+
+    if block == n_codes:
+        acc, total = partial_sums(0, table_CD)
+    else:
+        blocks = table_CD.reshape(n_codes // block, block, table_CD.shape[1])
+
+        def body(carry, xs):
+            i, table_blk = xs
+            a, s = partial_sums(i * block, table_blk)
+            return (carry[0] + a, carry[1] + s), None
+
+        init = (jnp.zeros(l_BTH.shape, jnp.float32), jnp.zeros(l_BTH.shape[:-1] + (1,), jnp.float32))
+        (acc, total), _ = jax.lax.scan(body, init, (jnp.arange(n_codes // block), blocks))
+    return acc - jax.nn.sigmoid(l_BTH) * total
+
+
+def _fused_bwd(token_chunk, code_chunk, res, g_BTD):
+    logits, table, codes = res
+    g32 = g_BTD.astype(jnp.float32)
+    b, t, d = g32.shape
+    # dW: the forward value of G - sg(G) is zero, so only the sampled rows receive gradient.
+    d_table = jnp.zeros(table.shape, jnp.float32).at[codes.reshape(-1)].add(g32.reshape(-1, d))
+    # dl: chunked along the sequence (the batch axis stays whole so its sharding is untouched).
+    chunk = min(token_chunk or t, t)
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    l_pad = jnp.pad(logits.astype(jnp.float32), ((0, 0), (0, pad), (0, 0)))
+    g_pad = jnp.pad(g32, ((0, 0), (0, pad), (0, 0)))
+    if n_chunks == 1:
+        d_logits = _chunk_logit_grad(l_pad, g_pad, table, code_chunk)
+    else:
+        to_chunks = lambda a: jnp.moveaxis(a.reshape(b, n_chunks, chunk, a.shape[-1]), 1, 0)
+        d_chunks = jax.lax.map(lambda xs: _chunk_logit_grad(xs[0], xs[1], table, code_chunk),
+                               (to_chunks(l_pad), to_chunks(g_pad)))
+        d_logits = jnp.moveaxis(d_chunks, 0, 1).reshape(b, n_chunks * chunk, -1)
+    d_logits = d_logits[:, :t].astype(logits.dtype)
+    return d_logits, d_table.astype(table.dtype), None
+
+
+fused_post_sampler.defvjp(_fused_fwd, _fused_bwd)

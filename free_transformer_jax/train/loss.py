@@ -1,0 +1,63 @@
+"""The training objective (SPEC section 3): mean next-token CE + kl_weight * mean_t max(0, KL_t - kappa).
+
+A batch is a dict of (B, T) arrays: ``inputs``, ``targets`` and optionally ``segment_ids`` (0 =
+padding), ``positions`` and ``loss_mask`` (1 where the target is scored). Without ``loss_mask`` the
+targets of non-padding positions are scored. The KL is averaged over non-padding positions (every
+real position has a latent, including a document's last one whose target is not scored).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from free_transformer_jax.model import latent as latent_lib
+from free_transformer_jax.model.config import ModelConfig
+
+Array = jax.Array
+
+
+def token_masks(batch: Mapping[str, Array]) -> tuple[Array, Array]:
+    """(target mask, latent mask), float32 (B, T)."""
+    inputs = batch["inputs"]
+    seg = batch.get("segment_ids")
+    latent_mask = jnp.ones(inputs.shape, jnp.float32) if seg is None else (seg > 0).astype(jnp.float32)
+    target_mask = batch.get("loss_mask")
+    target_mask = latent_mask if target_mask is None else target_mask.astype(jnp.float32) * latent_mask
+    return target_mask, latent_mask
+
+
+def cross_entropy(logits_BTV: Array, targets_BT: Array) -> Array:
+    """Per-token CE in nats (float32), via a stable log-softmax."""
+    logits = logits_BTV.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return log_z - target_logit
+
+
+def masked_mean(x: Array, mask: Array) -> Array:
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def loss_and_metrics(cfg: ModelConfig, logits_BTV: Array, aux: Mapping[str, Any],
+                     batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+    """Returns (loss, metrics). Metrics are scalars: loss, ce, kl_nats, kl_bits, kl_term,
+    frac_above_kappa (baseline: the KL entries are zeros so every run logs the same keys), and
+    ``n_tokens`` (scored targets), used to weight metrics across micro-batches and hosts."""
+    target_mask, latent_mask = token_masks(batch)
+    ce = masked_mean(cross_entropy(logits_BTV, batch["targets"]), target_mask)
+    zero = jnp.zeros((), jnp.float32)
+    kl_mean, kl_term, frac_above = zero, zero, zero
+    if cfg.latent and aux.get("kl") is not None:
+        kl = aux["kl"]
+        kl_mean = masked_mean(kl, latent_mask)
+        kl_term = latent_lib.free_bits_kl(kl, cfg.kappa_nats, latent_mask)
+        frac_above = masked_mean((kl > cfg.kappa_nats).astype(jnp.float32), latent_mask)
+    loss = ce + cfg.kl_weight * kl_term
+    metrics = {"loss": loss, "ce": ce, "kl_nats": kl_mean, "kl_bits": kl_mean / math.log(2.0),
+               "kl_term": kl_term, "frac_above_kappa": frac_above,
+               "n_tokens": jnp.sum(target_mask)}
+    return loss, metrics

@@ -1,0 +1,121 @@
+"""The binary mapper, post-sampler and KL (SPEC sections 2.3-2.4, 3 and 5)."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from free_transformer_jax.model import latent as L
+
+
+def test_code_index_is_little_endian_sum_of_bits():
+    bits = jnp.array([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]])
+    np.testing.assert_array_equal(L.bits_to_codes(bits), [1 + 4 + 8, 0, 15, 2])
+    codes = jnp.arange(16)
+    np.testing.assert_array_equal(L.bits_to_codes(L.codes_to_bits(codes, 4)), codes)
+    # the bit table's row d holds the bits of code d
+    np.testing.assert_array_equal(L.bit_table(0, 16, 4), L.codes_to_bits(codes, 4))
+    # sampling with saturated logits is deterministic and packs bit h into 2**h
+    logits = jnp.array([[[30.0, -30.0, 30.0, 30.0, -30.0]]])
+    assert int(L.sample_codes(jax.random.key(0), logits)[0, 0]) == 1 + 4 + 8
+
+
+def test_bit_frequencies_match_sigmoid():
+    logits = jnp.array([-3.0, -1.0, 0.0, 0.5, 2.0, 4.0])
+    n = 40_000
+    codes = L.sample_codes(jax.random.key(1), jnp.broadcast_to(logits, (1, n, 6)))
+    freq = np.asarray(L.codes_to_bits(codes, 6)).reshape(n, 6).mean(0)
+    p = np.asarray(jax.nn.sigmoid(logits))
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(freq - p) < 5 * sigma + 1e-9), (freq, p)
+
+
+def _problem(n_bits, seed=0, b=2, t=11, d=6):
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+    logits = 1.5 * jax.random.normal(k1, (b, t, n_bits))
+    table = jax.random.normal(k2, (2**n_bits, d))
+    codes = L.sample_codes(k3, logits)
+    probe = jax.random.normal(k4, (b, t, d))
+    return logits, table, codes, probe
+
+
+def _grads(fn, logits, table, codes, probe):
+    loss = lambda l, w: jnp.sum(jnp.sin(fn(l, w, codes)) * probe)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(logits, table)
+
+
+@pytest.mark.parametrize("n_bits", [4, 8])
+def test_fused_equals_dense_value_and_gradients(n_bits):
+    logits, table, codes, probe = _problem(n_bits)
+    v_dense, (dl_dense, dw_dense) = _grads(L.dense_post_sampler, logits, table, codes, probe)
+    fused = lambda l, w, c: L.fused_post_sampler(l, w, c, 4, 0)
+    v_fused, (dl_fused, dw_fused) = _grads(fused, logits, table, codes, probe)
+    np.testing.assert_allclose(v_fused, v_dense, rtol=1e-6)
+    # the forward value is a gather of the sampled rows
+    np.testing.assert_allclose(L.fused_post_sampler(logits, table, codes), table[codes], rtol=0)
+    scale = lambda a: float(jnp.max(jnp.abs(a)))
+    assert scale(dl_dense) > 1e-3  # the bit logits really receive gradient through G
+    np.testing.assert_allclose(dl_fused, dl_dense, rtol=1e-5, atol=1e-5 * scale(dl_dense))
+    np.testing.assert_allclose(dw_fused, dw_dense, rtol=1e-5, atol=1e-5 * scale(dw_dense))
+    # only the sampled rows of W receive gradient
+    untouched = np.setdiff1d(np.arange(2**n_bits), np.asarray(codes).ravel())
+    assert untouched.size and np.all(np.asarray(dw_fused)[untouched] == 0)
+
+
+def test_logit_gradient_uses_the_full_probability_vector():
+    """Gradient through only the sampled code's probability differs from the paper's (Eq. 8)."""
+    logits, table, codes, probe = _problem(4, seed=3)
+    _, (dl_full, _) = _grads(L.dense_post_sampler, logits, table, codes, probe)
+
+    def sampled_only(l, w, c):
+        g_full = jnp.exp(L.log_code_probs(l.reshape(-1, 4), L.bit_table(0, 16, 4))).reshape(l.shape[:2] + (16,))
+        g_c = jnp.take_along_axis(g_full, c[..., None], -1)
+        return w[c] * (1 + g_c - jax.lax.stop_gradient(g_c))
+
+    _, (dl_wrong, _) = _grads(sampled_only, logits, table, codes, probe)
+    assert float(jnp.max(jnp.abs(dl_wrong - dl_full))) > 1e-2
+
+
+@pytest.mark.parametrize("token_chunk,code_chunk", [(1, 0), (3, 16), (7, 64), (0, 32), (256, 128)])
+def test_fused_gradient_independent_of_chunking(token_chunk, code_chunk):
+    logits, table, codes, probe = _problem(8, seed=1)
+    ref = _grads(lambda l, w, c: L.fused_post_sampler(l, w, c, 0, 0), logits, table, codes, probe)[1]
+    got = _grads(lambda l, w, c: L.fused_post_sampler(l, w, c, token_chunk, code_chunk),
+                 logits, table, codes, probe)[1]
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_bits", [1, 3, 6])
+def test_kl_closed_form_equals_enumeration(n_bits):
+    logits = 2.0 * jax.random.normal(jax.random.key(n_bits), (3, 5, n_bits))
+    closed = L.kl_per_token(logits)
+    n = 2**n_bits
+    log_g = L.log_code_probs(logits.reshape(-1, n_bits), L.bit_table(0, n, n_bits))
+    brute = jnp.sum(jnp.exp(log_g) * (log_g + math.log(n)), axis=-1).reshape(3, 5)
+    np.testing.assert_allclose(closed, brute, rtol=1e-5, atol=1e-6)
+    # bounds: 0 at uniform bits, H ln 2 at saturated bits
+    assert float(L.kl_per_token(jnp.zeros((1, 1, n_bits)))[0, 0]) == pytest.approx(0.0, abs=1e-7)
+    assert float(L.kl_per_token(jnp.full((1, 1, n_bits), 40.0))[0, 0]) == pytest.approx(
+        n_bits * math.log(2), rel=1e-5)
+
+
+def test_free_bits_hinge_is_per_token():
+    kl = jnp.array([[0.1, 2.0]])
+    kappa = 0.5
+    # per token: (0 + 1.5) / 2; a hinge on the mean would give max(0, 1.05 - 0.5) = 0.55
+    assert float(L.free_bits_kl(kl, kappa)) == pytest.approx(0.75)
+    mask = jnp.array([[1.0, 0.0]])
+    assert float(L.free_bits_kl(kl, kappa, mask)) == pytest.approx(0.0)
+    assert float(L.free_bits_kl(jnp.array([[3.0, 1.0, 0.0]]), 1.0, jnp.array([[1, 1, 1]]))) == \
+        pytest.approx(2.0 / 3)
+
+
+def test_prior_codes_cover_the_code_space_uniformly():
+    codes = np.asarray(L.prior_codes(jax.random.key(0), (20_000,), 3))
+    counts = np.bincount(codes, minlength=8)
+    assert codes.min() >= 0 and codes.max() <= 7
+    assert np.all(np.abs(counts / 20_000 - 1 / 8) < 0.015)
