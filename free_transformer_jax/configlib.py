@@ -1,7 +1,9 @@
 """The base experiment configuration every ``configs/*.py`` file starts from.
 
-Sections: ``model`` (a :class:`ModelConfig` as a dict), ``data``, ``optim``, ``train``, ``mesh``,
+Sections: ``model`` (the fields of :class:`ModelConfig`), ``data``, ``optim``, ``train``, ``mesh``,
 ``eval``. Config files change what differs and document every value the paper does not give.
+Launch scripts load them with ``config_flags.DEFINE_config_file(..., lock_config=True)``, so
+``--config.optim.lr=1e-4`` overrides a value and a misspelt field is an error.
 """
 
 from __future__ import annotations
@@ -14,4 +16,61 @@ from free_transformer_jax.model.config import ModelConfig
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic",  # synthetic (SPEC section 7) | tfds (an ArrayRecord TFDS dataset)
+        seq_len=64,  # model input length per row (targets are the inputs shifted by one)
+        tokenizer="byte",  # byte | sentencepiece (ignored for the synthetic task's own alphabet)
+        tokenizer_path="",  # the SentencePiece .model file
+        tfds_name="",  # e.g. "local_text" as built by launch/prepare_data.py
+        tfds_data_dir="",
+        text_key="text",
+        train_split="train",
+        eval_split="validation",
+        synthetic_size=1_000_000,  # records in the synthetic source (random access, deterministic)
+        synthetic_seed=0,  # which synthetic dataset; independent of train.seed
+        packing="first_fit",  # first_fit | concat (concat-and-split) | none (pad each document)
+        add_eos=True,  # append EOS to each document (text sources)
+        shuffle=True,
+        num_workers=0,  # grain worker processes (0: in the main process)
+        prefetch=2,  # per-worker buffer
+    ))
+
+    # Llama-3-like AdamW recipe; the paper reuses its baseline's tuned recipe without giving it.
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=3e-4,
+        warmup_steps=100,
+        schedule="cosine",  # cosine | constant (after warm-up)
+        min_lr_ratio=0.1,  # final lr = lr * min_lr_ratio
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,  # not applied to norms, biases, zeta or the encoder position gain
+        grad_clip=1.0,  # global-norm clipping; 0 disables
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000,
+        batch_size=32,  # global sequences per optimizer step
+        grad_accum=1,  # micro-batches per step (lax.scan inside the jitted step)
+        seed=0,
+        log_every=10,
+        ckpt_every=500,
+        keep_ckpts=3,
+        async_ckpt=True,
+        eval_every=0,  # 0: no evaluation during training
+        eval_batches=4,
+        profile_steps=0,  # >0: write a profiler trace of that many steps after warm-up
+    ))
+
+    # Mesh axes: data (pure data parallel), fsdp (data parallel + sharded params/optimizer),
+    # tensor (model parallel). -1 takes the remaining devices. dcn_data splits data parallelism
+    # across slices/hosts (multi-slice); the other axes stay within a slice.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
+
+    c.eval = ml_collections.ConfigDict(dict(
+        split="validation",
+        batches=8,
+        prior_samples=4,  # Z draws for the prior-Z cross-entropy
+    ))
     return c

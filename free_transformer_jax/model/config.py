@@ -86,8 +86,8 @@ class ModelConfig:
             fail("remat_policy", f"must be one of {REMAT_POLICIES}")
         if self.latent_impl not in LATENT_IMPLS:
             fail("latent_impl", f"must be one of {LATENT_IMPLS}")
-        if not 1 <= self.latent_bits <= 24:
-            fail("latent_bits", "must be in [1, 24] (C = 2**H codes; the paper uses 16)")
+        if not 1 <= self.latent_bits <= 20:
+            fail("latent_bits", "must be in [1, 20] (C = 2**H codes; the paper uses 16)")
         if self.kappa_bits < 0:
             fail("kappa_bits", "must be >= 0 (free bits per token, in bits)")
         if self.kl_weight < 0:

@@ -43,16 +43,23 @@ def codes_to_bits(codes_BT: Array, n_bits: int) -> Array:
     return (codes_BT[..., None] >> jnp.arange(n_bits, dtype=jnp.int32)) & 1
 
 
-def sample_codes(key: Array, logits_BTH: Array) -> Array:
+def row_uniforms(key: Array, shape: tuple[int, ...], row_ids: Array | None = None) -> Array:
+    """Uniforms of ``shape`` (B, ...) where row b depends only on ``(key, row_ids[b])``: the same
+    sequence gets the same noise however the batch is split (micro-batches, meshes)."""
+    rows = jnp.arange(shape[0], dtype=jnp.int32) if row_ids is None else row_ids
+    return jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r), shape[1:]))(rows)
+
+
+def sample_codes(key: Array, logits_BTH: Array, row_ids: Array | None = None) -> Array:
     """Samples each bit with P(bit = 1) = sigmoid(logit) (never a threshold) and packs the codes."""
     probs = jax.nn.sigmoid(logits_BTH.astype(jnp.float32))
-    bits = jax.random.uniform(key, logits_BTH.shape, jnp.float32) < probs
-    return bits_to_codes(bits)
+    return bits_to_codes(row_uniforms(key, logits_BTH.shape, row_ids) < probs)
 
 
-def prior_codes(key: Array, shape: tuple[int, ...], n_bits: int) -> Array:
+def prior_codes(key: Array, shape: tuple[int, ...], n_bits: int, row_ids: Array | None = None) -> Array:
     """Codes drawn uniformly from {0 .. 2**H - 1} (the prior used at generation)."""
-    return jax.random.randint(key, shape, 0, 2**n_bits, dtype=jnp.int32)
+    u = row_uniforms(key, shape, row_ids)
+    return jnp.minimum((u * 2**n_bits).astype(jnp.int32), 2**n_bits - 1)
 
 
 def log_code_probs(logits_NH: Array, bits_CH: Array) -> Array:
@@ -70,9 +77,14 @@ def kl_per_token(logits_BTH: Array) -> Array:
     return jnp.sum(LN2 - entropy, axis=-1)
 
 
+def free_bits_hinge(kl_BT: Array, kappa_nats: float) -> Array:
+    """max(0, KL_t - kappa) per token."""
+    return jnp.maximum(kl_BT - kappa_nats, 0.0)
+
+
 def free_bits_kl(kl_BT: Array, kappa_nats: float, mask_BT: Array | None = None) -> Array:
     """mean_t max(0, KL_t - kappa): the hinge is applied per token, then averaged (masked)."""
-    hinge = jnp.maximum(kl_BT - kappa_nats, 0.0)
+    hinge = free_bits_hinge(kl_BT, kappa_nats)
     if mask_BT is None:
         return jnp.mean(hinge)
     mask = mask_BT.astype(jnp.float32)

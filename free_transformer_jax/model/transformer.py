@@ -71,7 +71,8 @@ class FreeTransformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BT: Array, *, latent: str | Array = "posterior",
                  segment_ids: Array | None = None, positions: Array | None = None,
-                 cache: dict[str, Any] | None = None) -> tuple[Array, dict[str, Any]]:
+                 cache: dict[str, Any] | None = None,
+                 row_ids: Array | None = None) -> tuple[Array, dict[str, Any]]:
         """Runs the model on ``tokens_BT``.
 
         latent: ``"posterior"`` (run the encoder and sample Z from it: training, evaluation, prompt
@@ -80,6 +81,9 @@ class FreeTransformer(nn.Module):
         segment_ids: (B, T) document ids for packed rows, 0 = padding (default: all ones).
         positions: (B, T) RoPE positions (default: 0..T-1, offset by the cache index).
         cache: from :func:`init_cache`; the new tokens are written at ``cache["index"]``.
+        row_ids: (B,) global index of each row in its batch (default 0..B-1). Z's noise for a row
+          depends only on the rng and its row id, so a batch split into micro-batches or over a
+          mesh samples exactly the same Z.
 
         Returns ``(logits_BTV float32, aux)``; ``aux`` holds ``codes`` (B, T), and in posterior mode
         ``bit_logits`` (B, T, H) and ``kl`` (B, T, per-token KL in nats); ``cache`` when given one.
@@ -112,7 +116,7 @@ class FreeTransformer(nn.Module):
         aux: dict[str, Any] = {}
         kv_input = None
         if cfg.latent:
-            r_BTD, aux = self._latent(x, ctx, latent)
+            r_BTD, aux = self._latent(x, ctx, latent, row_ids)
             kv_input = x + r_BTD.astype(cfg.compute_dtype)
         inject = maybe_remat(Block, cfg)(cfg, causal=True, name="inject")
         x, inject_cache = inject(x, layer_cache("inject"), ctx, kv_input=kv_input)
@@ -133,7 +137,7 @@ class FreeTransformer(nn.Module):
                             "segment_ids": ctx.kv_segment_ids, "index": cache["index"] + t}
         return logits, aux
 
-    def _latent(self, x_mid_BTD: Array, ctx: AttnContext, latent: str | Array):
+    def _latent(self, x_mid_BTD: Array, ctx: AttnContext, latent: str | Array, row_ids: Array | None):
         """Z for every position and its contribution r = Z @ W to the injection block's keys/values."""
         cfg = self.cfg
         table = logical_param(self, "post_sampler", (cfg.num_codes, cfg.d_model),
@@ -145,10 +149,10 @@ class FreeTransformer(nn.Module):
                 raise ValueError(f"latent={latent!r}: expected one of {LATENT_MODES} or an int array "
                                  "of codes")
             if latent == "prior":
-                codes = latent_lib.prior_codes(self.make_rng("latent"), shape, cfg.latent_bits)
+                codes = latent_lib.prior_codes(self.make_rng("latent"), shape, cfg.latent_bits, row_ids)
                 return jnp.take(table, codes, axis=0), {"codes": codes}
             bit_logits = Encoder(cfg, name="encoder")(x_mid_BTD, ctx)
-            codes = latent_lib.sample_codes(self.make_rng("latent"), bit_logits)
+            codes = latent_lib.sample_codes(self.make_rng("latent"), bit_logits, row_ids)
             if cfg.latent_impl == "fused":
                 r = latent_lib.fused_post_sampler(bit_logits, table, codes, cfg.latent_token_chunk,
                                                   cfg.latent_code_chunk)

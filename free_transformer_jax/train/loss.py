@@ -38,24 +38,34 @@ def cross_entropy(logits_BTV: Array, targets_BT: Array) -> Array:
     return log_z - target_logit
 
 
-def masked_mean(x: Array, mask: Array) -> Array:
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+def masked_mean(x: Array, mask: Array, denominator: Array | None = None) -> Array:
+    """sum(x * mask) / denominator (default: sum(mask)); with a global denominator the results of
+    micro-batches add up to the whole batch's mean."""
+    denominator = jnp.sum(mask) if denominator is None else denominator
+    return jnp.sum(x * mask) / jnp.maximum(denominator, 1.0)
 
 
 def loss_and_metrics(cfg: ModelConfig, logits_BTV: Array, aux: Mapping[str, Any],
-                     batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+                     batch: Mapping[str, Array], denominators: tuple[Array, Array] | None = None
+                     ) -> tuple[Array, dict[str, Array]]:
     """Returns (loss, metrics). Metrics are scalars: loss, ce, kl_nats, kl_bits, kl_term,
     frac_above_kappa (baseline: the KL entries are zeros so every run logs the same keys), and
-    ``n_tokens`` (scored targets), used to weight metrics across micro-batches and hosts."""
+    ``n_tokens`` (scored targets).
+
+    ``denominators`` = (scored targets, latent positions) of the whole batch, when this call sees
+    one micro-batch of it: every returned mean is then that micro-batch's share of the whole
+    batch's mean, so shares sum to exactly the whole-batch values.
+    """
     target_mask, latent_mask = token_masks(batch)
-    ce = masked_mean(cross_entropy(logits_BTV, batch["targets"]), target_mask)
+    ce_den, kl_den = (None, None) if denominators is None else denominators
+    ce = masked_mean(cross_entropy(logits_BTV, batch["targets"]), target_mask, ce_den)
     zero = jnp.zeros((), jnp.float32)
     kl_mean, kl_term, frac_above = zero, zero, zero
     if cfg.latent and aux.get("kl") is not None:
         kl = aux["kl"]
-        kl_mean = masked_mean(kl, latent_mask)
-        kl_term = latent_lib.free_bits_kl(kl, cfg.kappa_nats, latent_mask)
-        frac_above = masked_mean((kl > cfg.kappa_nats).astype(jnp.float32), latent_mask)
+        kl_mean = masked_mean(kl, latent_mask, kl_den)
+        kl_term = masked_mean(latent_lib.free_bits_hinge(kl, cfg.kappa_nats), latent_mask, kl_den)
+        frac_above = masked_mean((kl > cfg.kappa_nats).astype(jnp.float32), latent_mask, kl_den)
     loss = ce + cfg.kl_weight * kl_term
     metrics = {"loss": loss, "ce": ce, "kl_nats": kl_mean, "kl_bits": kl_mean / math.log(2.0),
                "kl_term": kl_term, "frac_above_kappa": frac_above,

@@ -1,0 +1,104 @@
+"""Sharded training equals single-device training; gradient accumulation equals one big batch."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from free_transformer_jax import sharding as shard_lib
+from free_transformer_jax.configlib import base_config
+from free_transformer_jax.train.optimizer import make_optimizer
+from free_transformer_jax.train.state import init_state
+from free_transformer_jax.train.step import grads_and_metrics, jit_train_step
+from helpers import tiny_config, tiny_params
+
+B, T, STEPS = 8, 16, 3
+
+
+def _batch(cfg, seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    tokens = jax.random.randint(k1, (STEPS, B, T + 1), 0, cfg.vocab_size)
+    # packed-looking rows: two documents per row in half of them, and some padding
+    seg = np.ones((STEPS, B, T), np.int32)
+    seg[:, ::2, T // 2:] = 2
+    seg[:, 1, -3:] = 0
+    pos = np.where(seg == 2, np.arange(T) - T // 2, np.arange(T)).astype(np.int32)
+    return [{"inputs": np.asarray(tokens[s, :, :-1]), "targets": np.asarray(tokens[s, :, 1:]),
+             "segment_ids": seg[s], "positions": pos[s],
+             "loss_mask": (seg[s] > 0).astype(np.int32)} for s in range(STEPS)]
+
+
+def _train(cfg, mesh_cfg, devices, grad_accum=1):
+    optim = base_config().optim
+    optim.warmup_steps = 1
+    optim.lr = 1e-2
+    tx = make_optimizer(optim, 10)
+    mesh = shard_lib.make_mesh(mesh_cfg, devices)
+    state, shardings = init_state(cfg, tx, mesh, seed=0)
+    losses = []
+    with shard_lib.mesh_context(mesh):
+        step = jit_train_step(cfg, tx, mesh, shardings, seed=0, grad_accum=grad_accum)
+        for batch in _batch(cfg):
+            state, metrics = step(state, shard_lib.global_batch_from_host(batch, mesh))
+            losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params), state
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cfg = tiny_config()
+    return cfg, _train(cfg, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_sharded_training_matches_single_device(reference, mesh):
+    cfg, (ref_losses, ref_params, _) = reference
+    losses, params, state = _train(cfg, dict(zip(("data", "fsdp", "tensor"), mesh)), jax.devices())
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert ref_losses[-1] < ref_losses[0]  # it does train
+    if mesh == (1, 4, 2):  # parameters really are sharded, not replicated
+        q = state.params["lower"]["layers"]["attn"]["q"]
+        assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+        assert q.addressable_shards[0].data.shape == (2, 8, 2, 8)
+
+
+def test_grad_accumulation_equals_full_batch(reference):
+    cfg = reference[0]
+    params = tiny_params(cfg)
+    batch = jax.tree.map(jnp.asarray, _batch(cfg)[0])
+    key = jax.random.key(3)
+    g1, m1 = jax.jit(lambda p, b: grads_and_metrics(cfg, p, b, key, 1))(params, batch)
+    g4, m4 = jax.jit(lambda p, b: grads_and_metrics(cfg, p, b, key, 4))(params, batch)
+    for k in ("loss", "ce", "kl_nats", "kl_term", "frac_above_kappa", "n_tokens"):
+        np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert float(m1["kl_nats"]) > 0
+
+
+def test_mesh_errors_are_one_line():
+    with pytest.raises(shard_lib.MeshError, match="multiply"):
+        shard_lib.make_mesh(dict(data=3, fsdp=1, tensor=1))
+    with pytest.raises(shard_lib.MeshError, match="only one axis"):
+        shard_lib.make_mesh(dict(data=-1, fsdp=-1, tensor=1))
+    mesh = shard_lib.make_mesh(dict(data=-1, fsdp=2, tensor=1))
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    with pytest.raises(shard_lib.MeshError, match="train.batch_size=12"):
+        shard_lib.check_batch(12, mesh)
+    with pytest.raises(shard_lib.MeshError, match="grad_accum"):
+        shard_lib.check_batch(16, mesh, grad_accum=3)
+
+
+def test_every_logical_name_has_a_rule():
+    from free_transformer_jax.train.state import abstract_params
+    names = set()
+    for leaf in jax.tree.leaves(abstract_params(tiny_config()),
+                                is_leaf=lambda x: hasattr(x, "names")):
+        names.update(n for n in leaf.names if n)
+    rules = dict(shard_lib.LOGICAL_RULES)
+    assert names <= set(rules), names - set(rules)
+    with pytest.raises(shard_lib.MeshError, match="no rule"):
+        shard_lib.mesh_axes_for("embedd")
