@@ -107,3 +107,32 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+
+
+def load_model(workdir: str, *, step: int | None = None, mesh: Any = None,
+               model_overrides: dict | None = None):
+    """(config, ModelConfig, params, step) from a training workdir, parameters only (no optimizer
+    state), laid out for ``mesh`` (default: all local devices, data-parallel, so parameters are
+    replicated): the evaluating machine's device count need not match the training one's."""
+    import ml_collections
+
+    from free_transformer_jax import sharding as shard_lib
+    from free_transformer_jax.model.config import ModelConfig
+    from free_transformer_jax.train.state import abstract_params
+
+    ck = Checkpointer(workdir, async_save=False, create=False)
+    try:
+        step = ck._check_step(step)
+        config = ml_collections.ConfigDict(ck.restore_config(step=step))
+        cfg = ModelConfig.from_dict({**config.model.to_dict(), **(model_overrides or {})})
+        mesh = mesh or shard_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+        boxed = abstract_params(cfg)
+        shardings = shard_lib.param_shardings(boxed, mesh)
+        import flax.linen as nn
+
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              nn.meta.unbox(boxed), shardings)
+        params = ck.restore_params(target, step=step)
+    finally:
+        ck.close()
+    return config, cfg, params, step

@@ -23,3 +23,22 @@ def _init(cfg, key):
 
 def tiny_params(cfg: ModelConfig, seed: int = 0):
     return _init(cfg, jax.random.key(seed))
+
+
+def tiny_train_config(steps: int = 6, **model):
+    """The demo config shrunk for tests: synthetic task, 2+1 layers, 8 sequences per step."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+    spec = importlib.util.spec_from_file_location("demo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.model.update(dict(d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_dim=64, latent_bits=4,
+                        inject_layer=1, **model))
+    c.train.update(dict(steps=steps, batch_size=8, log_every=2, ckpt_every=3, async_ckpt=False))
+    c.optim.warmup_steps = 2
+    c.data.synthetic_size = 4096
+    c.data.prefetch = 0
+    return c

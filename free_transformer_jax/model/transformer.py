@@ -151,7 +151,9 @@ class FreeTransformer(nn.Module):
             if latent == "prior":
                 codes = latent_lib.prior_codes(self.make_rng("latent"), shape, cfg.latent_bits, row_ids)
                 return jnp.take(table, codes, axis=0), {"codes": codes}
-            bit_logits = Encoder(cfg, name="encoder")(x_mid_BTD, ctx)
+            # the encoder sees only this call's tokens (e.g. the prompt at prefill), never a cache
+            enc_ctx = AttnContext(ctx.positions, ctx.segment_ids, ctx.segment_ids, None)
+            bit_logits = Encoder(cfg, name="encoder")(x_mid_BTD, enc_ctx)
             codes = latent_lib.sample_codes(self.make_rng("latent"), bit_logits, row_ids)
             if cfg.latent_impl == "fused":
                 r = latent_lib.fused_post_sampler(bit_logits, table, codes, cfg.latent_token_chunk,

@@ -87,8 +87,8 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, seed: in
         grads, metrics = grads_and_metrics(cfg, state.params, batch, key, grad_accum, mesh)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                       param_norm=optax.global_norm(params))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+                       param_norm=optax.tree.norm(params))
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,194 @@
+"""Honest likelihoods for the Free Transformer (SPEC section 8) and continuation scoring.
+
+Cross-entropy with the encoder's Z leaks up to kappa nats per token of the answer into Z, so it is
+never comparable to a baseline's CE. Reported per token:
+  ce_posterior  CE with Z sampled from the encoder (what training minimises)
+  kl_nats/bits  KL(Q || uniform prior)
+  elbo          ce_posterior + kl_nats: the ELBO bound, an upper bound on -log p per token
+  ce_prior      CE with Z drawn from the uniform prior, averaged over ``prior_samples`` draws
+and for a baseline only ``ce``.
+
+Continuation scoring (multiple choice): the context's Z comes from the encoder run on the context
+ONLY; the continuation's Z from the prior; the choice likelihood is averaged (in probability,
+i.e. log-mean-exp) over ``z_samples`` draws, with the same draws for every choice of an example.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Any, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from free_transformer_jax.model import latent as latent_lib
+from free_transformer_jax.model.config import ModelConfig
+from free_transformer_jax.model.transformer import FreeTransformer
+from free_transformer_jax.train.loss import cross_entropy, token_masks
+
+Batch = dict[str, jax.Array]
+
+
+# Dataset likelihoods -------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg", "prior_samples"))
+def eval_sums(cfg: ModelConfig, params: Any, batch: Batch, key: jax.Array, prior_samples: int
+              ) -> dict[str, jax.Array]:
+    """Sums over one batch (divided by the token counts after all batches are seen)."""
+    model = FreeTransformer(cfg)
+    target_mask, latent_mask = token_masks(batch)
+    kw = dict(segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
+
+    def ce_sum(latent, k):
+        logits, aux = model.apply({"params": params}, batch["inputs"], latent=latent,
+                                  rngs={"latent": k}, **kw)
+        return jnp.sum(cross_entropy(logits, batch["targets"]) * target_mask), aux
+
+    ce_post, aux = ce_sum("posterior", jax.random.fold_in(key, 0))
+    out = {"n_targets": jnp.sum(target_mask), "n_latents": jnp.sum(latent_mask), "ce_posterior": ce_post}
+    if cfg.latent:
+        out["kl_nats"] = jnp.sum(aux["kl"] * latent_mask)
+        prior = [ce_sum("prior", jax.random.fold_in(key, 1 + i))[0] for i in range(prior_samples)]
+        out["ce_prior"] = sum(prior) / prior_samples
+    return out
+
+
+def finalize(sums: dict[str, float], cfg: ModelConfig) -> dict[str, float]:
+    """Per-token metrics from accumulated sums."""
+    n_t = max(sums["n_targets"], 1.0)
+    if not cfg.latent:
+        return {"ce": sums["ce_posterior"] / n_t, "n_tokens": sums["n_targets"]}
+    ce_post = sums["ce_posterior"] / n_t
+    kl = sums["kl_nats"] / max(sums["n_latents"], 1.0)
+    return {"ce_posterior": ce_post, "kl_nats": kl, "kl_bits": kl / math.log(2.0),
+            "elbo": ce_post + kl, "ce_prior": sums["ce_prior"] / n_t, "n_tokens": sums["n_targets"]}
+
+
+def evaluate(cfg: ModelConfig, params: Any, batches: Iterable[dict[str, np.ndarray]], key: jax.Array,
+             prior_samples: int = 4, max_batches: int | None = None, put=None) -> dict[str, float]:
+    """Accumulates :func:`eval_sums` over ``batches`` (host numpy dicts; ``put`` places one on the
+    devices, default ``jnp.asarray``)."""
+    put = put or (lambda b: jax.tree.map(jnp.asarray, b))
+    totals: dict[str, float] = {}
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        sums = eval_sums(cfg, params, put(batch), jax.random.fold_in(key, i), prior_samples)
+        for k, v in jax.device_get(sums).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    if not totals:
+        raise ValueError("evaluation saw no batches; check the eval split and eval.batches")
+    return finalize(totals, cfg)
+
+
+# Continuation scoring ------------------------------------------------------------------------------
+def read_choice_task(path: str) -> list[dict[str, Any]]:
+    """JSONL with {"context": str, "choices": [str, ...], "label": int} per line."""
+    examples = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            ex = json.loads(line)
+            missing = {"context", "choices", "label"} - set(ex)
+            if missing:
+                raise ValueError(f"{path}:{n}: missing field(s) {sorted(missing)}; each line needs "
+                                 '"context", "choices" and "label"')
+            if not 0 <= int(ex["label"]) < len(ex["choices"]):
+                raise ValueError(f"{path}:{n}: label {ex['label']} out of range for "
+                                 f"{len(ex['choices'])} choices")
+            examples.append(ex)
+    return examples
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def context_posterior(cfg: ModelConfig, params: Any, ctx_BL: jax.Array, ctx_seg_BL: jax.Array,
+                      key: jax.Array, row_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(codes, bit logits) of the context from the encoder run on the context alone."""
+    _, aux = FreeTransformer(cfg).apply({"params": params}, ctx_BL, latent="posterior",
+                                        segment_ids=ctx_seg_BL, row_ids=row_ids,
+                                        rngs={"latent": key})
+    if not cfg.latent:
+        return jnp.zeros(ctx_BL.shape, jnp.int32), jnp.zeros(ctx_BL.shape + (1,), jnp.float32)
+    return aux["codes"], aux["bit_logits"]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _choice_loglik(cfg, params, tokens_BS, seg_BS, score_BS, codes_BS):
+    logits, _ = FreeTransformer(cfg).apply({"params": params}, tokens_BS[:, :-1], latent=codes_BS[:, :-1],
+                                           segment_ids=seg_BS[:, :-1])
+    logp = -cross_entropy(logits, tokens_BS[:, 1:])
+    return jnp.sum(logp * score_BS[:, 1:], axis=1)
+
+
+def _rows(examples, tokenizer, bos: bool):
+    """Per (example, choice): context ids, choice ids."""
+    prefix = [tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []
+    for e, ex in enumerate(examples):
+        ctx = prefix + tokenizer.encode(ex["context"])
+        if not ctx:
+            raise ValueError(f"example {e}: empty context and no BOS token; give a context")
+        for c, choice in enumerate(ex["choices"]):
+            cont = tokenizer.encode(choice)
+            if not cont:
+                raise ValueError(f"example {e} choice {c}: empty continuation")
+            yield e, c, ctx, cont
+
+
+def score_choices(cfg: ModelConfig, params: Any, examples: Sequence[dict], tokenizer, *,
+                  key: jax.Array, z_samples: int = 4, batch_size: int = 32, bos: bool = True
+                  ) -> dict[str, Any]:
+    """Log-likelihood of every choice (sum and per-token), accuracy and length-normalised accuracy."""
+    rows = list(_rows(examples, tokenizer, bos))
+    loglik = np.zeros((len(rows), z_samples))
+    n_tok = np.array([len(r[3]) for r in rows], np.float64)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        pad = batch_size - len(chunk)  # fixed shapes: one compilation
+        chunk = chunk + [chunk[-1]] * pad
+        lc = max(len(r[2]) for r in chunk)
+        ls = max(len(r[2]) + len(r[3]) for r in chunk)
+        ctx = np.zeros((batch_size, lc), np.int32)
+        ctx_seg = np.zeros((batch_size, lc), np.int32)
+        tokens = np.zeros((batch_size, ls), np.int32)
+        seg = np.zeros((batch_size, ls), np.int32)
+        score = np.zeros((batch_size, ls), np.float32)
+        for i, (_, _, c, x) in enumerate(chunk):
+            ctx[i, :len(c)] = c
+            ctx_seg[i, :len(c)] = 1
+            tokens[i, :len(c) + len(x)] = c + x
+            seg[i, :len(c) + len(x)] = 1
+            score[i, len(c):len(c) + len(x)] = 1
+        example_ids = jnp.asarray([r[0] for r in chunk], jnp.int32)  # same Z draws for all choices
+        for s in range(z_samples):
+            k = jax.random.fold_in(key, s)
+            ctx_codes, _ = context_posterior(cfg, params, jnp.asarray(ctx), jnp.asarray(ctx_seg),
+                                             jax.random.fold_in(k, 0), example_ids)
+            prior = latent_lib.prior_codes(jax.random.fold_in(k, 1), (batch_size, ls),
+                                           cfg.latent_bits, example_ids)
+            codes = prior.at[:, :lc].set(jnp.where(jnp.asarray(ctx_seg) > 0, ctx_codes, prior[:, :lc]))
+            ll = _choice_loglik(cfg, params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(score),
+                                codes)
+            loglik[start:start + len(chunk) - pad, s] = np.asarray(ll)[:len(chunk) - pad]
+    # average the probability over Z draws
+    ll = np.logaddexp.reduce(loglik, axis=1) - math.log(z_samples)
+    per_example: list[dict[str, Any]] = [{"loglik": [], "loglik_per_token": []} for _ in examples]
+    for (e, _, _, _), v, n in zip(rows, ll, n_tok):
+        per_example[e]["loglik"].append(float(v))
+        per_example[e]["loglik_per_token"].append(float(v / n))
+    acc = np.mean([int(np.argmax(p["loglik"])) == int(ex["label"])
+                   for p, ex in zip(per_example, examples)])
+    acc_norm = np.mean([int(np.argmax(p["loglik_per_token"])) == int(ex["label"])
+                        for p, ex in zip(per_example, examples)])
+    chance = float(np.mean([1.0 / len(ex["choices"]) for ex in examples]))
+    return {"accuracy": float(acc), "accuracy_norm": float(acc_norm), "chance": chance,
+            "n_examples": len(examples), "z_samples": z_samples, "per_example": per_example}
+
+
+def iterate_finite(it: Iterator, n: int) -> Iterator:
+    for i, x in enumerate(it):
+        if i >= n:
+            return
+        yield x

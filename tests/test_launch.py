@@ -1,0 +1,79 @@
+"""The launch scripts end to end in subprocesses: train (and resume), sample, eval, compile."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.d_model=32", "--config.model.n_layers=3", "--config.model.inject_layer=1",
+        "--config.model.n_heads=2", "--config.model.n_kv_heads=1", "--config.model.ffn_dim=64",
+        "--config.model.latent_bits=4", "--config.train.batch_size=8", "--config.train.log_every=2",
+        "--config.train.ckpt_every=2", "--config.optim.warmup_steps=1", "--config.data.prefetch=0"]
+
+
+def run(script, *args, devices=1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("launch") / "run")
+    r = run("train.py", "--config=configs/demo.py", f"--workdir={wd}", "--config.train.steps=4", *TINY,
+            devices=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 4/4" in r.stdout and "resumed" not in r.stdout
+    return wd
+
+
+def test_train_writes_events_and_checkpoints_then_resumes(workdir):
+    assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["d_model"] == 32
+    r = run("train.py", "--config=configs/demo.py", f"--workdir={workdir}", "--config.train.steps=6",
+            *TINY, devices=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 4" in r.stdout
+    assert "step 6/6" in r.stdout and "step 2/" not in r.stdout
+    assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_misspelt_config_field_is_an_error(tmp_path):
+    r = run("train.py", "--config=configs/demo.py", f"--workdir={tmp_path}", "--config.model.kapa_bits=1")
+    assert r.returncode != 0 and "kapa_bits" in r.stderr
+
+
+def test_sample_and_eval_from_the_checkpoint(workdir, tmp_path):
+    out = str(tmp_path / "samples.jsonl")
+    r = run("sample.py", f"--workdir={workdir}", "--prompt=K>", "--prompt=B>", "--num_samples=3",
+            "--z=shared", "--max_new_tokens=10", f"--output={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in open(out)]
+    assert len(records) == 6 and {r["prompt"] for r in records} == {"K>", "B>"}
+    for p in (0, 1):
+        group = [r for r in records if r["prompt_index"] == p]
+        assert all(r["codes"] == group[0]["codes"] for r in group)  # shared Z within a prompt
+        assert all(len(r["text"]) == 10 for r in group)
+    r = run("eval.py", f"--workdir={workdir}", "--batches=2", "--prior_samples=2",
+            "--choice_task=data/tasks/synthetic_choice.jsonl", "--z_samples=1", devices=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(os.path.join(workdir, "eval_step6.json")))
+    assert res["elbo"] == pytest.approx(res["ce_posterior"] + res["kl_nats"], rel=1e-12)
+    assert 0 <= res["choice_task"]["accuracy"] <= 1 and res["choice_task"]["n_examples"] == 200
+
+
+def test_compile_reports_memory_and_refuses_what_does_not_fit():
+    args = ["--config=configs/demo.py", "--cpu_devices=8", "--config.mesh.fsdp=2",
+            "--config.mesh.tensor=2"]
+    r = run("compile.py", *args, "--hbm_gib=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "memory/dev" in r.stdout and "'fsdp': 2" in r.stdout and "fits" in r.stdout
+    r = run("compile.py", *args, "--hbm_gib=0.001")
+    assert r.returncode == 1 and "error: needs" in r.stderr
