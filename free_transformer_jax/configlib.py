@@ -19,7 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic",  # synthetic (SPEC section 7) | tfds (an ArrayRecord TFDS dataset)
-        seq_len=64,  # model input length per row (targets are the inputs shifted by one)
+        # model input length per row (targets are the inputs shifted by one); 65 = one 66-token
+        # synthetic record
+        seq_len=65,
         tokenizer="byte",  # byte | sentencepiece (ignored for the synthetic task's own alphabet)
         tokenizer_path="",  # the SentencePiece .model file
         tfds_name="",  # e.g. "local_text" as built by launch/prepare_data.py
@@ -29,11 +31,15 @@ def base_config() -> ml_collections.ConfigDict:
         eval_split="validation",
         synthetic_size=1_000_000,  # records in the synthetic source (random access, deterministic)
         synthetic_seed=0,  # which synthetic dataset; independent of train.seed
+        synthetic_eval_size=10_000,  # evaluation records (indices after the training ones)
         packing="first_fit",  # first_fit | concat (concat-and-split) | none (pad each document)
+        add_bos=True,  # prepend BOS to each document (text sources)
         add_eos=True,  # append EOS to each document (text sources)
         shuffle=True,
         num_workers=0,  # grain worker processes (0: in the main process)
-        prefetch=2,  # per-worker buffer
+        prefetch=2,  # per-worker buffer (or a prefetch thread when num_workers=0)
+        read_threads=4,  # grain read threads
+        read_buffer=128,  # grain read-ahead buffer (records)
     ))
 
     # Llama-3-like AdamW recipe; the paper reuses its baseline's tuned recipe without giving it.
