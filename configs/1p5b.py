@@ -20,4 +20,24 @@ def get_config():
     m.inject_layer = 14  # paper: after block 14
     m.kappa_bits = 0.5  # [choice] among the paper's 1/4, 1/2, 1, 2
     m.dtype = "bfloat16"
+    # Data: a TFDS dataset prepared as ArrayRecord (set tfds_name / tfds_data_dir on the command
+    # line) and a SentencePiece model with 2**17 pieces. Context length is not given: [choice] 4096.
+    c.data.source = "tfds"
+    c.data.tfds_name = ""  # e.g. --config.data.tfds_name=my_corpus --config.data.tfds_data_dir=gs://...
+    c.data.tokenizer = "sentencepiece"
+    c.data.seq_len = 4096
+    c.data.packing = "first_fit"
+    c.data.num_workers = 4
+    # [choice] recipe: 512 x 4096 = 2M tokens per step; 47B tokens = 22,400 steps.
+    c.optim.lr = 4e-4
+    c.optim.warmup_steps = 2000
+    c.optim.min_lr_ratio = 0.1
+    c.train.steps = 22_400
+    c.train.batch_size = 512
+    c.train.log_every = 10
+    c.train.ckpt_every = 1000
+    # [choice] FSDP inside a host (8 GPUs), data parallel across hosts; full remat.
+    c.mesh.data = -1
+    c.mesh.fsdp = 8
+    m.remat_policy = "full"
     return c

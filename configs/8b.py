@@ -20,4 +20,26 @@ def get_config():
     m.inject_layer = 16  # paper: after block 16
     m.kappa_bits = 0.5  # paper's 1T-token run: 1/2 bit
     m.dtype = "bfloat16"
+    # Data: a TFDS dataset prepared as ArrayRecord (set tfds_name / tfds_data_dir on the command
+    # line) and a SentencePiece model with 2**17 pieces. Context length is not given: [choice] 4096.
+    c.data.source = "tfds"
+    c.data.tfds_name = ""  # e.g. --config.data.tfds_name=my_corpus --config.data.tfds_data_dir=gs://...
+    c.data.tokenizer = "sentencepiece"
+    c.data.seq_len = 4096
+    c.data.packing = "first_fit"
+    c.data.num_workers = 4
+    # [choice] Llama-3-8B-like recipe (the paper reuses its baseline's, unpublished):
+    # 1024 x 4096 = 4M tokens per step; 200B tokens = 47,700 steps.
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 2000
+    c.optim.min_lr_ratio = 0.1
+    c.train.steps = 47_700
+    c.train.batch_size = 1024
+    c.train.log_every = 10
+    c.train.ckpt_every = 1000
+    # [choice] FSDP inside a host (8 GPUs), data parallel across hosts; full remat. On TPU v5p-128
+    # use --config.mesh.data=1 --config.mesh.fsdp=-1 (see BUILD_NOTES for per-chip memory).
+    c.mesh.data = -1
+    c.mesh.fsdp = 8
+    m.remat_policy = "full"
     return c

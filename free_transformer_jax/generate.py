@@ -86,16 +86,18 @@ def _sample_tokens(key, logits_BV, step, sc: SamplingConfig):
     return jax.vmap(jax.random.categorical)(keys, logits_BV).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sc", "return_logits"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sc", "return_logits", "prompt_z"))
 def _generate(params, prompt_BP, seg_BP, z_groups_B, z_key, token_key, *, cfg: ModelConfig,
-              sc: SamplingConfig, return_logits: bool = False):
+              sc: SamplingConfig, return_logits: bool = False, prompt_z: str = "encoder"):
     model = FreeTransformer(cfg)
     b, p = prompt_BP.shape
     total = p + sc.max_new_tokens
     positions = jnp.maximum(jnp.cumsum(seg_BP, axis=1) - 1, 0).astype(jnp.int32)
     cache = init_cache(cfg, b, total)
-    # prefill: the encoder runs on the prompt and Z is sampled from its posterior
-    logits, aux = model.apply({"params": params}, prompt_BP, latent="posterior", segment_ids=seg_BP,
+    # prefill: the encoder runs on the prompt and Z is sampled from its posterior (or, with
+    # prompt_z="prior", the prompt's Z is uniform like every later position's)
+    latent = "posterior" if prompt_z == "encoder" else "prior"
+    logits, aux = model.apply({"params": params}, prompt_BP, latent=latent, segment_ids=seg_BP,
                               positions=positions, cache=cache, row_ids=z_groups_B,
                               rngs={"latent": jax.random.fold_in(z_key, 0)})
     cache = aux["cache"]
@@ -141,11 +143,14 @@ def _generate(params, prompt_BP, seg_BP, z_groups_B, z_key, token_key, *, cfg: M
 
 def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], sc: SamplingConfig, *,
              z_key: jax.Array, token_key: jax.Array, z_groups: Sequence[int] | None = None,
-             return_logits: bool = False) -> dict[str, Any]:
+             return_logits: bool = False, prompt_z: str = "encoder") -> dict[str, Any]:
     """Samples continuations of ``prompts`` (lists of token ids).
 
     z_groups: one id per prompt; prompts with the same id share Z (prompt Z and every new Z), the
       paper's shared-Z groups. Default: every row its own group (independent Z).
+    prompt_z: ``"encoder"`` (default, SPEC section 4: the prompt's Z is sampled from the encoder
+      run on the prompt) or ``"prior"`` (the whole Z_1..Z_T uniform, e.g. for a prompt that says
+      nothing about what follows, as in the synthetic task).
     Returns a dict with ``tokens`` (B, P + max_new) left-padded prompts + continuations,
     ``new_tokens`` (list per row, cut after a stop token), ``codes`` (B, P + max_new) the Z code of
     every slot (the last slot has none), ``prompt_len`` P, and with ``return_logits`` the per-step
@@ -156,9 +161,11 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], sc
     groups = np.arange(b, dtype=np.int32) if z_groups is None else np.asarray(z_groups, np.int32)
     if groups.shape != (b,):
         raise ValueError(f"z_groups has shape {groups.shape}; expected one id per prompt ({b},)")
+    if prompt_z not in ("encoder", "prior"):
+        raise ValueError(f"prompt_z={prompt_z!r}: expected 'encoder' or 'prior'")
     tokens, codes, logits, n = _generate(params, jnp.asarray(prompt), jnp.asarray(seg),
                                          jnp.asarray(groups), z_key, token_key, cfg=cfg, sc=sc,
-                                         return_logits=return_logits)
+                                         return_logits=return_logits, prompt_z=prompt_z)
     tokens, codes, n = np.asarray(tokens), np.asarray(codes), int(n)
     p = prompt.shape[1]
     new = []
