@@ -10,7 +10,6 @@ complete, so a crash mid-save never leaves a half-written checkpoint as the late
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -34,8 +33,10 @@ class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` with this project's items."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, create: bool = True):
-        self.directory = os.path.join(workdir, "checkpoints") if "://" not in workdir else \
-            workdir.rstrip("/") + "/checkpoints"
+        if "://" in workdir:
+            self.directory = workdir.rstrip("/") + "/checkpoints"
+        else:  # Orbax wants absolute local paths
+            self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -186,9 +186,3 @@ def score_choices(cfg: ModelConfig, params: Any, examples: Sequence[dict], token
     return {"accuracy": float(acc), "accuracy_norm": float(acc_norm), "chance": chance,
             "n_examples": len(examples), "z_samples": z_samples, "per_example": per_example}
 
-
-def iterate_finite(it: Iterator, n: int) -> Iterator:
-    for i, x in enumerate(it):
-        if i >= n:
-            return
-        yield x

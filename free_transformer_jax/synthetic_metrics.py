@@ -2,8 +2,10 @@
 
 A sequence is ``<L>>`` + 64 body characters. It is *valid* when its body holds only ``_``, ``!``
 and the prompt letter L, and every L lies inside one window of 8 consecutive characters that are
-all L or ``!`` (one 8-long run, noise allowed). Its *target position* is the first such window's
-start. Agreement metrics compare the sequences of one group (same prompt; Z shared or not).
+all L or ``!`` (one 8-long run, noise allowed). Its *target position* is where the prompt letter
+first appears in the body (defined for broken sequences too, so position agreement can still be
+measured where Z breaks generation). Agreement metrics compare the sequences of one group (same
+prompt; Z shared or not).
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ import numpy as np
 RUN = 8
 BODY = 64
 PROMPT = 2
+
+
+def target_position(seq: str) -> int | None:
+    """Index in the body of the prompt letter's first occurrence (None if it never appears)."""
+    if len(seq) < PROMPT + 1:
+        return None
+    pos = seq[PROMPT:PROMPT + BODY].find(seq[0])
+    return None if pos < 0 else pos
 
 
 def target_start(seq: str) -> int | None:
@@ -39,9 +49,9 @@ def noise_positions(seq: str) -> frozenset[int]:
 
 
 def position_agreement(seqs: Sequence[str], tolerance: int = 1) -> float | None:
-    """Fraction of pairs of valid sequences whose targets start within ``tolerance``; None when
-    fewer than two sequences are valid."""
-    starts = [s for s in map(target_start, seqs) if s is not None]
+    """Fraction of pairs of sequences whose target positions are within ``tolerance``; None when
+    fewer than two sequences contain the prompt letter."""
+    starts = [s for s in map(target_position, seqs) if s is not None]
     pairs = list(itertools.combinations(starts, 2))
     if not pairs:
         return None

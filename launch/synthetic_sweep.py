@@ -28,6 +28,10 @@ _SHARED = flags.DEFINE_integer("shared_groups", 3, "Shared-Z groups per prompt."
 _GROUP = flags.DEFINE_integer("group_size", 8, "Sequences per group.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Token sampling temperature.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "Validation batches for KL/CE.")
+_PROMPT_Z = flags.DEFINE_enum("prompt_z", "prior", ["prior", "encoder"],
+                              "Z of the 2-token prompt: uniform like the rest of Z_1..Z_T (the "
+                              "paper's 'Z sampled' groups), or sampled from the encoder run on the "
+                              "prompt alone (the general prefill protocol).")
 
 METRICS = ("pos_agree_shared", "pos_agree_indep", "noise_agree_shared", "noise_agree_indep",
            "validity", "kl_bits", "ce_posterior", "ce_prior")
@@ -79,7 +83,7 @@ def run_model(base, kappa, seed, run_dir):
             gid += 1
     sc = SamplingConfig(max_new_tokens=synthetic.BODY_LEN, temperature=_TEMPERATURE.value)
     out = generate(cfg, params, rows, sc, z_key=jax.random.key(2000 + seed),
-                   token_key=jax.random.key(3000 + seed), z_groups=groups)
+                   token_key=jax.random.key(3000 + seed), z_groups=groups, prompt_z=_PROMPT_Z.value)
     texts = [synthetic.decode(list(r) + list(n)) for r, n in zip(rows, out["new_tokens"])]
     by_group = {(p, g): texts[i:i + _GROUP.value] for p, g, i in layout}
     shared = [v for (p, g), v in by_group.items() if g]
@@ -162,7 +166,7 @@ def main(argv):
     seeds = [int(s) for s in _SEEDS.value]
     runs, samples = {}, {}
     total, t0 = len(models) * len(seeds), time.perf_counter()
-    for i, (kappa, seed) in enumerate((k, s) for k in models for s in seeds):
+    for i, (seed, kappa) in enumerate((s, k) for s in seeds for k in models):
         name = kappa_name(kappa)
         elapsed = time.perf_counter() - t0
         eta = f", ETA {elapsed / i * (total - i) / 60:.0f} min" if i else ""

@@ -1,6 +1,5 @@
 """The binary mapper, post-sampler and KL (SPEC sections 2.3-2.4, 3 and 5)."""
 
-import itertools
 import math
 
 import jax

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,19 +62,18 @@ def test_sample_and_eval_from_the_checkpoint(workdir, tmp_path):
         group = [r for r in records if r["prompt_index"] == p]
         assert all(r["codes"] == group[0]["codes"] for r in group)  # shared Z within a prompt
         assert all(len(r["text"]) == 10 for r in group)
-    r = run("eval.py", f"--workdir={workdir}", "--batches=2", "--prior_samples=2",
-            "--choice_task=data/tasks/synthetic_choice.jsonl", "--z_samples=1", devices=4)
+    events = len(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
+    r = run("eval.py", f"--workdir={workdir}", "--batches=1", "--prior_samples=1", devices=4)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(os.path.join(workdir, "eval_step6.json")))
     assert res["elbo"] == pytest.approx(res["ce_posterior"] + res["kl_nats"], rel=1e-12)
-    assert 0 <= res["choice_task"]["accuracy"] <= 1 and res["choice_task"]["n_examples"] == 200
+    assert res["model"] == "free_transformer" and np.isfinite(res["ce_prior"])
+    assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == events + 1  # eval/
 
 
 def test_compile_reports_memory_and_refuses_what_does_not_fit():
     args = ["--config=configs/demo.py", "--cpu_devices=8", "--config.mesh.fsdp=2",
             "--config.mesh.tensor=2"]
-    r = run("compile.py", *args, "--hbm_gib=4")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "memory/dev" in r.stdout and "'fsdp': 2" in r.stdout and "fits" in r.stdout
     r = run("compile.py", *args, "--hbm_gib=0.001")
-    assert r.returncode == 1 and "error: needs" in r.stderr
+    assert "memory/dev" in r.stdout and "'fsdp': 2" in r.stdout and "flops/step" in r.stdout
+    assert r.returncode == 1 and "error: needs" in r.stderr and "--hbm_gib=0.001" in r.stderr

@@ -56,3 +56,10 @@ def test_vocab_mismatch_refuses_to_start(tmp_path):
     c.model.vocab_size = 30
     with pytest.raises(ConfigError, match="model.vocab_size=30"):
         train(c, str(tmp_path / "bad"))
+
+
+def test_relative_workdir_becomes_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ck = Checkpointer("rel/run")  # Orbax refuses relative paths: the wrapper resolves them
+    assert ck.directory == os.path.join(str(tmp_path), "rel", "run", "checkpoints")
+    ck.close()

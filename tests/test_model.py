@@ -2,7 +2,6 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,8 +132,7 @@ def test_scan_and_unrolled_match(setup):
     np.testing.assert_array_equal(aux_a["codes"], aux_b["codes"])
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots"])
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("policy,scan", [("full", True), ("save_dots", True), ("full", False)])
 def test_remat_gives_same_gradients(setup, policy, scan):
     cfg, params, tokens = setup
     if not scan:

@@ -89,8 +89,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     tx = make_optimizer(config.optim, t.steps)
     abstract, shardings = state_shardings(cfg, tx, mesh)
 
-    if _is_main():
-        os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+    if _is_main() and "://" not in workdir:
+        os.makedirs(workdir, exist_ok=True)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_ckpts, async_save=t.async_ckpt)
     data_iter = data_lib.make_iterator(config, config.data.train_split,
                                        batch_size=t.batch_size // jax.process_count(), seed=t.seed)

@@ -1,0 +1,79 @@
+"""The synthetic experiment: metric code on hand-made sequences, and the sweep end to end (tiny)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from free_transformer_jax import synthetic_metrics as sm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def seq(letter, start, noise=(), run=8, extra=None):
+    body = ["_"] * 64
+    for i in range(start, start + run):
+        body[i] = letter
+    for i in noise:
+        body[i] = "!"
+    if extra is not None:
+        body[extra] = letter
+    return f"{letter}>" + "".join(body)
+
+
+def test_validity_and_target_position():
+    assert sm.target_start(seq("K", 10)) == 10 and sm.target_position(seq("K", 10)) == 10
+    assert sm.target_start(seq("K", 0)) == 0 and sm.target_start(seq("K", 56)) == 56
+    assert sm.target_start(seq("K", 10, noise=(12, 40))) == 10  # '!' inside the run is allowed
+    assert sm.target_start(seq("K", 10, noise=(10,))) == 10  # even on its first letter
+    assert sm.target_start(seq("K", 10, run=7)) is None  # too short
+    assert sm.target_start(seq("K", 10, run=9)) is None  # too long
+    assert sm.target_start(seq("K", 10, extra=40)) is None  # a second occurrence
+    assert sm.target_position(seq("K", 10, extra=40)) == 10  # ...but the position is defined
+    assert sm.target_start("K>" + "_" * 10 + "Q" * 8 + "_" * 46) is None  # the wrong letter
+    assert sm.target_position("K>" + "_" * 64) is None
+    assert sm.validity([seq("A", 3), seq("A", 3, run=5), seq("B", 20), "B>" + "_" * 64]) == 0.5
+
+
+def test_agreement_values():
+    same = [seq("K", 10, noise=(1, 2)), seq("K", 10, noise=(1, 2)), seq("K", 11, noise=(1, 3))]
+    # positions 10, 10, 11: all pairs within 1
+    assert sm.position_agreement(same) == 1.0
+    spread = [seq("K", 0), seq("K", 20), seq("K", 40), seq("K", 21)]
+    # 6 pairs, only (20, 21) within 1
+    assert sm.position_agreement(spread) == pytest.approx(1 / 6)
+    assert sm.position_agreement(spread, tolerance=20) == pytest.approx(4 / 6)
+    assert sm.position_agreement([seq("K", 5)]) is None
+    # '!' sets {1,2}, {1,2}, {1,3}: Jaccard 1, 1/3, 1/3
+    assert sm.noise_agreement(same) == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
+    assert sm.noise_agreement([seq("K", 5), seq("K", 9)]) is None  # no '!' at all
+    assert sm.mean_or_none([None, 0.5, 1.0]) == 0.75 and sm.mean_or_none([None]) is None
+
+
+def test_sweep_end_to_end_tiny(tmp_path):
+    out = str(tmp_path / "sweep")
+    args = ["--kappas=1/8,8", "--seeds=0", "--prompts=2", "--shared_groups=1", "--group_size=3",
+            "--eval_batches=1", "--config.train.steps=3", "--config.train.batch_size=8",
+            "--config.train.log_every=1", "--config.model.d_model=32", "--config.model.n_layers=3",
+            "--config.model.ffn_dim=64", "--config.model.latent_bits=4", "--config.data.synthetic_size=512"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "synthetic_sweep.py"),
+                        f"--outdir={out}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[3/3]" in r.stdout  # progress: baseline, 1/8 bit, 8 bit
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert set(res["summary"]) == {"baseline", "1/8 bit", "8 bit"}
+    for name, metrics in res["summary"].items():
+        assert 0 <= metrics["validity"]["mean"] <= 1
+        assert len(metrics["kl_bits"]["per_seed"]) == 1
+    assert res["summary"]["baseline"]["kl_bits"]["mean"] == 0.0
+    assert res["summary"]["8 bit"]["kl_bits"]["mean"] > 0
+    groups = res["samples"]["1/8 bit"]
+    assert len(groups) == 2 * 2 and all(len(g) == 3 and len(g[0]) == 66 for g in groups.values())
+    table = open(os.path.join(out, "results.md")).read()
+    assert table.count("\n") == 2 + 3 and "| 8 bit |" in table
+    with open(os.path.join(out, "figure.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
