@@ -18,6 +18,8 @@ _BITS = flags.DEFINE_list("bits", ["8", "12", "16"], "Latent bits H to try.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (after one warm-up).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 _DENSE_MAX = flags.DEFINE_integer("dense_max_bits", 16, "Skip the dense form above this H.")
+_CHUNK = flags.DEFINE_integer("attention_chunk", 0, "model.attention_chunk for every variant.")
+_REMAT = flags.DEFINE_string("remat", "none", "model.remat_policy for every variant.")
 
 
 def main(argv):
@@ -33,7 +35,8 @@ def main(argv):
     from free_transformer_jax.train.step import make_train_step
 
     print(f"device: {jax.devices()[0].device_kind}, d_model {_D.value}, layers {_L.value}, "
-          f"batch {_B.value} x {_T.value}, dtype {_DTYPE.value}")
+          f"batch {_B.value} x {_T.value}, dtype {_DTYPE.value}, attention_chunk "
+          f"{_CHUNK.value}, remat {_REMAT.value}")
     tokens = jax.random.randint(jax.random.key(0), (_B.value, _T.value + 1), 0, _V.value)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
@@ -53,7 +56,8 @@ def main(argv):
         return (time.perf_counter() - t0) / _STEPS.value, temp
 
     base = ModelConfig(vocab_size=_V.value, d_model=_D.value, n_layers=_L.value, n_heads=4,
-                       n_kv_heads=4, dtype=_DTYPE.value, latent=False)
+                       n_kv_heads=4, dtype=_DTYPE.value, latent=False,
+                       attention_chunk=_CHUNK.value, remat_policy=_REMAT.value)
     t0, m0 = measure(base)
     print(f"{'variant':28s} {'step ms':>9s} {'x base':>7s} {'temp MiB':>9s} {'x base':>7s}")
     print(f"{'baseline':28s} {1e3 * t0:9.1f} {1.0:7.2f} {m0:9.1f} {1.0:7.2f}")

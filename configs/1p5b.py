@@ -40,4 +40,5 @@ def get_config():
     c.mesh.data = -1
     c.mesh.fsdp = 8
     m.remat_policy = "full"
+    m.attention_chunk = 512  # [choice] queries per attention chunk: no T x T score matrix
     return c

@@ -57,6 +57,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    # Attention computed this many queries at a time (each chunk rematerialised), so the T x T
+    # scores never exist whole; 0 = one dense einsum. Used when it divides the sequence length.
+    attention_chunk: int = 0
 
     def __post_init__(self):
         def fail(field: str, msg: str):
@@ -95,6 +98,8 @@ class ModelConfig:
         if not -1 <= self.inject_layer < self.n_layers or (self.n_layers == 1 and self.inject_layer != 0):
             fail("inject_layer", f"must be in [0, n_layers-1] = [0, {self.n_layers - 1}] "
                  "(or -1 for n_layers // 2): at least one block must follow the encoder")
+        if self.attention_chunk < 0:
+            fail("attention_chunk", "must be >= 0 (0 = no chunking)")
         if self.latent_token_chunk < 0 or self.latent_code_chunk < 0:
             fail("latent_token_chunk" if self.latent_token_chunk < 0 else "latent_code_chunk",
                  "must be >= 0 (0 = no chunking)")

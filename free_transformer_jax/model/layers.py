@@ -53,17 +53,40 @@ class AttnContext:
     cache_index: Array | None = None
 
 
-def attention_mask(ctx: AttnContext, causal: bool) -> Array:
-    """(B, 1, 1, T, S) boolean mask: same segment, and key index <= query index when causal."""
-    q_seg, kv_seg = ctx.segment_ids, ctx.kv_segment_ids
-    mask = q_seg[:, :, None] == kv_seg[:, None, :]
+def attention_mask(q_seg_BT: Array, q_idx_T: Array, kv_seg_BS: Array, causal: bool) -> Array:
+    """(B, 1, 1, T, S) boolean mask: same segment, and key slot <= query slot when causal."""
+    mask = q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
     if causal:
-        t, s = q_seg.shape[1], kv_seg.shape[1]
-        offset = 0 if ctx.cache_index is None else ctx.cache_index
-        q_idx = offset + jnp.arange(t)[:, None]
-        k_idx = jnp.arange(s)[None, :]
-        mask = mask & (k_idx <= q_idx)[None]
+        mask = mask & (jnp.arange(kv_seg_BS.shape[1])[None, :] <= q_idx_T[:, None])[None]
     return mask[:, None, None, :, :]
+
+
+def dot_product_attention(q_BTKGD: Array, k_BSKD: Array, v_BSKD: Array, q_seg_BT: Array,
+                          q_idx_T: Array, kv_seg_BS: Array, causal: bool, dtype) -> Array:
+    """Softmax attention with the segment/causal mask; logits and softmax in float32."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
+    scores = scores * (q_BTKGD.shape[-1] ** -0.5)
+    scores = jnp.where(attention_mask(q_seg_BT, q_idx_T, kv_seg_BS, causal), scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v_BSKD)
+
+
+def chunked_attention(q_BTKGD: Array, k_BSKD: Array, v_BSKD: Array, q_seg_BT: Array, q_idx_T: Array,
+                      kv_seg_BS: Array, causal: bool, dtype, chunk: int) -> Array:
+    """The same attention computed ``chunk`` queries at a time, each chunk rematerialised in the
+    backward pass: the T x S score matrix never exists whole (peak chunk x S per head)."""
+    b, t = q_BTKGD.shape[:2]
+    n = t // chunk
+    split = lambda a, axis: jnp.moveaxis(a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1:]),
+                                         axis, 0)
+
+    @jax.checkpoint
+    def one(xs):
+        q, q_seg, q_idx = xs
+        return dot_product_attention(q, k_BSKD, v_BSKD, q_seg, q_idx, kv_seg_BS, causal, dtype)
+
+    out = jax.lax.map(one, (split(q_BTKGD, 1), split(q_seg_BT, 1), split(q_idx_T, 0)))
+    return jnp.moveaxis(out, 0, 1).reshape(q_BTKGD.shape[:2] + out.shape[3:])
 
 
 class RMSNorm(nn.Module):
@@ -146,11 +169,16 @@ class Attention(nn.Module):
 
         b, t = q.shape[:2]
         q = q.reshape(b, t, kvh, h // kvh, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (hd**-0.5)
-        scores = jnp.where(attention_mask(ctx, self.causal), scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+        offset = 0 if ctx.cache_index is None else ctx.cache_index
+        q_idx = offset + jnp.arange(t)
+        chunk = cfg.attention_chunk
+        if chunk and t > chunk and t % chunk == 0:
+            out = chunked_attention(q, k, v, ctx.segment_ids, q_idx, ctx.kv_segment_ids, self.causal,
+                                    dt, chunk)
+        else:
+            out = dot_product_attention(q, k, v, ctx.segment_ids, q_idx, ctx.kv_segment_ids,
+                                        self.causal, dt)
+        out = out.reshape(b, t, h, hd)
         wo = logical_param(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), init, cfg.weight_dtype)
         y = jnp.einsum("btnk,nkd->btd", out, wo.astype(dt))
         return y, new_cache
@@ -203,12 +231,14 @@ _REMAT_POLICIES: dict[str, Any] = {
 }
 
 
-def maybe_remat(block_cls: type[nn.Module], cfg: ModelConfig) -> type[nn.Module]:
-    """Wraps a block class in ``nn.remat`` following ``cfg.remat_policy``."""
+def maybe_remat(block_cls: type[nn.Module], cfg: ModelConfig, in_scan: bool = False
+                ) -> type[nn.Module]:
+    """Wraps a block class in ``nn.remat`` following ``cfg.remat_policy``. CSE prevention can only
+    be dropped inside a scan (whose loop already keeps XLA from merging the recomputation with
+    the forward pass); a block outside one would silently lose its remat."""
     if cfg.remat_policy == "none":
         return block_cls
-    return nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat_policy],
-                    prevent_cse=not cfg.scan_layers)
+    return nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not in_scan)
 
 
 class Stack(nn.Module):
@@ -224,7 +254,7 @@ class Stack(nn.Module):
                  ctx: AttnContext) -> tuple[Array, dict[str, Array] | None]:
         if self.n == 0:
             return x_BTD, cache
-        block_cls = maybe_remat(Block, self.cfg)
+        block_cls = maybe_remat(Block, self.cfg, in_scan=self.cfg.scan_layers)
         if self.cfg.scan_layers:
             scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(0, nn.broadcast), length=self.n,
