@@ -28,7 +28,7 @@ def get_config():
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.0
-    c.train.steps = 3000  # ~11 minutes per model on 2 CPU cores
+    c.train.steps = 5000  # ~20 minutes per model on 2 CPU cores
     c.train.batch_size = 64
     c.train.log_every = 250
     c.train.ckpt_every = 1000

@@ -7,6 +7,8 @@ For each kappa in --kappas (bits per token) and the baseline, for each seed: tra
 configs/synthetic.py (resuming if the run exists), evaluate KL/CE, then for --prompts random
 prompts generate one group with independent Z and --shared_groups groups with one shared Z
 (each --group_size sequences). Writes results.json, results.md and figure.png into --outdir.
+Interrupted? Run the same command again: finished models are read back, a model in training
+resumes from its last checkpoint.
 """
 
 import fractions
@@ -172,7 +174,14 @@ def main(argv):
         eta = f", ETA {elapsed / i * (total - i) / 60:.0f} min" if i else ""
         print(f"[{i + 1}/{total}] {name}, seed {seed}{eta}", flush=True)
         run_dir = os.path.join(outdir, "runs", f"{name.replace('/', '_').replace(' ', '_')}_seed{seed}")
-        metrics, groups = run_model(_CONFIG.value, kappa, seed, run_dir)
+        done = os.path.join(run_dir, "sweep_result.json")
+        if os.path.exists(done):  # finished in an earlier invocation: the sweep resumes
+            with open(done) as f:
+                metrics, groups = json.load(f)
+        else:
+            metrics, groups = run_model(_CONFIG.value, kappa, seed, run_dir)
+            with open(done, "w") as f:
+                json.dump([metrics, groups], f)
         runs[f"{name}/seed{seed}"] = metrics
         if seed == seeds[0]:
             samples[name] = groups
