@@ -64,8 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
         ckpt_every=500,
         keep_ckpts=3,
         async_ckpt=True,
-        eval_every=0,  # 0: no evaluation during training
-        eval_batches=4,
+        eval_every=0,  # evaluate (eval.split, eval.batches, eval.prior_samples) every N steps; 0: never
         profile_steps=0,  # >0: write a profiler trace of that many steps after warm-up
     ))
 

@@ -38,6 +38,16 @@ def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path):
     assert train(tiny_train_config(steps=6), resumed) == {}
 
 
+def test_eval_during_training(tmp_path, capsys):
+    c = tiny_train_config(steps=4)
+    c.train.eval_every = 2
+    c.eval.batches = 1
+    c.eval.prior_samples = 1
+    train(c, str(tmp_path / "ev"))
+    out = capsys.readouterr().out
+    assert "eval at step 2: ce_posterior" in out and "eval at step 4:" in out and "elbo" in out
+
+
 def test_nan_stops_with_a_clear_message(tmp_path):
     c = tiny_train_config(steps=4)
     c.optim.lr = 1e30  # blows up within a step or two

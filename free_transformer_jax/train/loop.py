@@ -150,6 +150,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                    f" | ETA {_fmt_time(eta)}")
             window.update(t0=time.perf_counter(), steps=0)
 
+    def run_eval(step: int, params: Any):
+        """Honest likelihoods (evaluate.py) on a fresh pass over the eval split."""
+        from free_transformer_jax import evaluate as eval_lib
+
+        batches = data_lib.make_iterator(config, config.eval.split,
+                                         batch_size=t.batch_size // jax.process_count(), seed=t.seed)
+        metrics = eval_lib.evaluate(cfg, params, batches, jax.random.fold_in(jax.random.key(t.seed), step),
+                                    prior_samples=config.eval.prior_samples,
+                                    max_batches=config.eval.batches,
+                                    put=lambda b: shard_lib.global_batch_from_host(b, mesh))
+        writer.scalars(step, {k: v for k, v in metrics.items() if k != "n_tokens"}, prefix="eval/")
+        _print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                      if k != "n_tokens"))
+
     step_fn = None
     pending = None
     try:
@@ -169,6 +183,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     handle(*pending)  # never checkpoint a non-finite state
                     pending = None
                     ckpt.save(step + 1, state, data_iter=data_iter, config=config_dict)
+                if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+                    run_eval(step + 1, state.params)
             if pending is not None:
                 handle(*pending)
     finally:
