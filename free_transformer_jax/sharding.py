@@ -87,7 +87,14 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
         from jax.experimental import mesh_utils
 
         ici = (shape[0] // dcn, shape[1], shape[2])
-        grid = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices=devices)
+        if all(hasattr(d, "slice_index") for d in devices):  # multi-slice TPU
+            grid = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices=devices)
+        elif jax.process_count() > 1:  # multi-node GPU: a node (process) is the fast domain
+            grid = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices=devices,
+                                                        process_is_granule=True)
+        else:  # one process (e.g. simulated devices): consecutive device groups play the slices
+            groups = np.asarray(devices, dtype=object).reshape(dcn, -1)
+            grid = np.concatenate([g.reshape(ici) for g in groups], axis=0)
         return Mesh(grid, MESH_AXES, axis_types=auto)
     if devices == list(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto)

@@ -91,6 +91,16 @@ def test_mesh_errors_are_one_line():
         shard_lib.check_batch(16, mesh, grad_accum=3)
 
 
+def test_multi_slice_mesh_keeps_slices_contiguous_on_the_data_axis():
+    mesh = shard_lib.make_mesh(dict(data=4, fsdp=2, tensor=1, dcn_data=2))
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    # data rows 0-1 hold "slice" 0 (devices 0-3), rows 2-3 slice 1: only the data axis crosses slices
+    assert set(ids[:2].ravel()) == {0, 1, 2, 3} and set(ids[2:].ravel()) == {4, 5, 6, 7}
+    with pytest.raises(shard_lib.MeshError, match="dcn_data=3"):
+        shard_lib.make_mesh(dict(data=4, fsdp=2, tensor=1, dcn_data=3))
+
+
 def test_every_logical_name_has_a_rule():
     from free_transformer_jax.train.state import abstract_params
     names = set()
