@@ -73,3 +73,58 @@ def validity(seqs: Sequence[str]) -> float:
 def mean_or_none(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
+
+
+# Thresholds of the paper's ordering (issue 6), on seed-averaged metrics. Chance position
+# agreement is about 0.05 (two uniform starts in [0, 56] within 1 of each other); with 6 prompts x
+# 3 groups x 28 pairs per model its standard error is about 0.01.
+NEAR = 0.05  # "near the independent level": |shared - independent| <= NEAR
+CLEARLY = 0.10  # "clearly above": a margin of at least CLEARLY
+VALIDITY_DROP = 0.20  # "validity drops at 8 bits": at least this far below the baseline's
+KL_SLACK = 1.10  # "KL at or below kappa": kl_bits <= KL_SLACK * kappa
+
+
+def paper_ordering(means: dict) -> list[dict]:
+    """The paper's ordering checks on a sweep's seed-averaged metrics.
+
+    ``means`` maps kappa in bits (None for the baseline) to a dict of metric means (the keys of
+    ``launch/synthetic_sweep.py``'s METRICS). Returns one dict per check that the sweep's kappas
+    allow: ``check`` (what the paper says), ``detail`` (the numbers) and ``ok``. Noise agreement
+    is compared as the excess of shared-Z groups over independent ones, because many generated
+    ``!`` raise the overlap of independent groups too.
+    """
+    def get(k, m):
+        v = means.get(k, {}).get(m)
+        return None if v is None else float(v)
+
+    def excess(k, prefix):
+        s, i = get(k, f"{prefix}_shared"), get(k, f"{prefix}_indep")
+        return None if s is None or i is None else s - i
+
+    checks = []
+    if 1 / 64 in means and excess(1 / 64, "pos_agree") is not None:
+        e = excess(1 / 64, "pos_agree")
+        checks.append({"check": "position agreement near independent at 1/64 bit",
+                       "detail": f"shared - indep = {e:+.3f} (|.| <= {NEAR})", "ok": abs(e) <= NEAR})
+    for k, name in ((1 / 8, "1/8 bit"), (1.0, "1 bit")):
+        e = excess(k, "pos_agree")
+        if k in means and e is not None:
+            checks.append({"check": f"position agreement clearly above independent at {name}",
+                           "detail": f"shared - indep = {e:+.3f} (>= {CLEARLY})", "ok": e >= CLEARLY})
+    e8, e1 = excess(1 / 8, "noise_agree"), excess(1.0, "noise_agree")
+    if e8 is not None and e1 is not None:
+        checks.append({"check": "noise agreement clearly higher at 1 bit than at 1/8 bit",
+                       "detail": f"excess over indep: 1 bit {e1:+.3f}, 1/8 bit {e8:+.3f} "
+                                 f"(difference >= {CLEARLY})", "ok": e1 - e8 >= CLEARLY})
+    v8, vb = get(8.0, "validity"), get(None, "validity")
+    if v8 is not None and vb is not None:
+        checks.append({"check": "validity drops at 8 bits",
+                       "detail": f"8 bits {v8:.3f}, baseline {vb:.3f} (drop >= {VALIDITY_DROP})",
+                       "ok": vb - v8 >= VALIDITY_DROP})
+    for k in sorted(k for k in means if k is not None):
+        kl = get(k, "kl_bits")
+        if kl is not None:
+            checks.append({"check": f"final KL at or below kappa = {k:g} bit",
+                           "detail": f"KL {kl:.4f} bits/token (<= {KL_SLACK:g} x kappa)",
+                           "ok": kl <= KL_SLACK * k})
+    return checks

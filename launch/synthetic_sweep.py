@@ -109,12 +109,15 @@ def fmt(x, std=None):
     return f"{x:.3f}" if std is None else f"{x:.3f} ± {std:.3f}"
 
 
-def write_table(outdir, summary):
+def write_table(outdir, summary, checks=()):
     lines = ["| model | pos. agreement shared Z | pos. agreement indep. Z | `!` overlap shared Z "
              "| `!` overlap indep. Z | validity | KL bits/token | CE posterior | CE prior |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         lines.append(f"| {name} | " + " | ".join(fmt(s[m]["mean"], s[m]["std"]) for m in METRICS) + " |")
+    if checks:
+        lines += ["", "The paper's ordering (seed means; thresholds in `synthetic_metrics.py`):", ""]
+        lines += [f"- {'PASS' if c['ok'] else 'FAIL'}: {c['check']}: {c['detail']}" for c in checks]
     with open(os.path.join(outdir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -196,11 +199,16 @@ def main(argv):
             vals = [r[m] for r in per_seed if r[m] is not None]
             summary[name][m] = {"mean": float(np.mean(vals)) if vals else None,
                                 "std": float(np.std(vals)) if vals else None, "per_seed": [r[m] for r in per_seed]}
+    from free_transformer_jax import synthetic_metrics as sm
+
+    checks = sm.paper_ordering({k: {m: v["mean"] for m, v in summary[kappa_name(k)].items()}
+                                for k in models})
     with open(os.path.join(outdir, "results.json"), "w") as f:
         json.dump({"summary": summary, "runs": runs, "samples": samples, "seeds": seeds,
                    "kappas_bits": kappas, "prompts": _PROMPTS.value, "shared_groups": _SHARED.value,
-                   "group_size": _GROUP.value, "config": _CONFIG.value.to_dict()}, f, indent=1)
-    print(write_table(outdir, summary))
+                   "group_size": _GROUP.value, "checks": checks,
+                   "config": _CONFIG.value.to_dict()}, f, indent=1)
+    print(write_table(outdir, summary, checks))
     draw_figure(os.path.join(outdir, "figure.png"), samples)
     print(f"wrote {outdir}/results.json, results.md, figure.png "
           f"({(time.perf_counter() - t0) / 60:.1f} min)")

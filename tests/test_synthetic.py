@@ -52,6 +52,38 @@ def test_agreement_values():
     assert sm.mean_or_none([None, 0.5, 1.0]) == 0.75 and sm.mean_or_none([None]) is None
 
 
+def _means(pos, noise, validity, kl):
+    return {"pos_agree_shared": pos[0], "pos_agree_indep": pos[1], "noise_agree_shared": noise[0],
+            "noise_agree_indep": noise[1], "validity": validity, "kl_bits": kl}
+
+
+def test_paper_ordering_checks():
+    paper_like = {None: _means((0.04, 0.04), (0.03, 0.03), 1.0, 0.0),
+                  1 / 64: _means((0.05, 0.04), (0.03, 0.03), 0.99, 0.015),
+                  1 / 8: _means((0.30, 0.05), (0.04, 0.03), 0.98, 0.12),
+                  1.0: _means((0.60, 0.06), (0.30, 0.05), 0.90, 1.05),
+                  8.0: _means((0.90, 0.10), (0.90, 0.60), 0.10, 7.5)}
+    checks = sm.paper_ordering(paper_like)
+    assert len(checks) == 1 + 2 + 1 + 1 + 4 and all(c["ok"] for c in checks)
+    # break one thing at a time: each failure is reported by exactly its own check
+    broken = {
+        "position agreement near independent at 1/64 bit": (1 / 64, "pos_agree_shared", 0.20),
+        "position agreement clearly above independent at 1 bit": (1.0, "pos_agree_shared", 0.10),
+        "noise agreement clearly higher at 1 bit than at 1/8 bit": (1.0, "noise_agree_shared", 0.10),
+        "validity drops at 8 bits": (8.0, "validity", 0.95),
+        "final KL at or below kappa = 0.125 bit": (1 / 8, "kl_bits", 0.2),
+    }
+    for name, (k, metric, value) in broken.items():
+        means = {kk: dict(v) for kk, v in paper_like.items()}
+        means[k][metric] = value
+        failed = [c["check"] for c in sm.paper_ordering(means) if not c["ok"]]
+        assert failed == [name], (name, failed)
+    # a sweep without 1/64 and 1 bit only runs the checks it can
+    partial = sm.paper_ordering({None: paper_like[None], 8.0: paper_like[8.0]})
+    assert [c["check"] for c in partial] == ["validity drops at 8 bits",
+                                             "final KL at or below kappa = 8 bit"]
+
+
 def test_sweep_end_to_end_tiny(tmp_path):
     out = str(tmp_path / "sweep")
     args = ["--kappas=1/8,8", "--seeds=0", "--prompts=2", "--shared_groups=1", "--group_size=3",
@@ -73,7 +105,12 @@ def test_sweep_end_to_end_tiny(tmp_path):
     assert res["summary"]["8 bit"]["kl_bits"]["mean"] > 0
     groups = res["samples"]["1/8 bit"]
     assert len(groups) == 2 * 2 and all(len(g) == 3 and len(g[0]) == 66 for g in groups.values())
-    table = open(os.path.join(out, "results.md")).read()
-    assert table.count("\n") == 2 + 3 and "| 8 bit |" in table
+    table, checks = open(os.path.join(out, "results.md")).read().split("\n\n", 1)
+    assert table.count("\n") == 1 + 3 and "| 8 bit |" in table
+    # the ordering checks the sweep's kappas allow: validity at 8 bits, KL <= kappa for both
+    assert {c["check"] for c in res["checks"]} >= {"validity drops at 8 bits",
+                                                   "final KL at or below kappa = 0.125 bit",
+                                                   "final KL at or below kappa = 8 bit"}
+    assert sum(line.startswith(("- PASS", "- FAIL")) for line in checks.splitlines()) == len(res["checks"])
     with open(os.path.join(out, "figure.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
