@@ -70,6 +70,23 @@ def validity(seqs: Sequence[str]) -> float:
     return float(np.mean([target_start(s) is not None for s in seqs]))
 
 
+# What a model knows about each kind of target, without Z: a `!` has probability 1/16 anywhere, so
+# its cross-entropy cannot fall below ln 16 unless Z tells where the noise is.
+CE_BANG_WITHOUT_Z = float(np.log(16.0))
+
+
+def ce_by_class(nll_BT: np.ndarray, targets_BT: np.ndarray) -> dict[str, float]:
+    """Mean per-token cross-entropy split by the kind of target: ``bang`` (a `!`), ``letter`` (a
+    letter of the body) and ``underscore``. ``targets_BT`` are the token ids that follow the inputs
+    of full 66-token records (so column 0 is the prompt's ``>``, which is left out)."""
+    from free_transformer_jax.data import synthetic
+
+    nll, tgt = np.asarray(nll_BT, np.float64)[:, 1:], np.asarray(targets_BT)[:, 1:]
+    kinds = {"bang": tgt == synthetic.BANG, "underscore": tgt == synthetic.UNDERSCORE,
+             "letter": tgt < 26}
+    return {k: float(nll[m].mean()) if m.any() else float("nan") for k, m in kinds.items()}
+
+
 def mean_or_none(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from free_transformer_jax import synthetic_metrics as sm
@@ -50,6 +51,21 @@ def test_agreement_values():
     assert sm.noise_agreement(same) == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
     assert sm.noise_agreement([seq("K", 5), seq("K", 9)]) is None  # no '!' at all
     assert sm.mean_or_none([None, 0.5, 1.0]) == 0.75 and sm.mean_or_none([None]) is None
+
+
+def test_ce_by_class():
+    from free_transformer_jax.data import synthetic
+
+    targets = np.array([[synthetic.BANG, synthetic.BANG, 3, synthetic.UNDERSCORE, 3],
+                        [synthetic.PROMPT_SEP, synthetic.UNDERSCORE, synthetic.BANG, 7, 7]])
+    nll = np.array([[9.0, 1.0, 2.0, 3.0, 4.0],
+                    [9.0, 5.0, 6.0, 7.0, 8.0]])
+    # column 0 (the prompt's '>') is left out, whatever it holds
+    got = sm.ce_by_class(nll, targets)
+    assert got == pytest.approx({"bang": (1 + 6) / 2, "letter": (2 + 4 + 7 + 8) / 4,
+                                 "underscore": (3 + 5) / 2})
+    assert np.isnan(sm.ce_by_class(nll[:, :2], targets[:, :2])["letter"])
+    assert sm.CE_BANG_WITHOUT_Z == pytest.approx(2.7725887)
 
 
 def _means(pos, noise, validity, kl):
@@ -101,6 +117,8 @@ def test_sweep_end_to_end_tiny(tmp_path):
     for name, metrics in res["summary"].items():
         assert 0 <= metrics["validity"]["mean"] <= 1
         assert len(metrics["kl_bits"]["per_seed"]) == 1
+        for m in ("ce_bang_posterior", "ce_letter_posterior", "ce_underscore_posterior"):
+            assert 0 < metrics[m]["mean"] < 10, (name, m)
     assert res["summary"]["baseline"]["kl_bits"]["mean"] == 0.0
     assert res["summary"]["8 bit"]["kl_bits"]["mean"] > 0
     groups = res["samples"]["1/8 bit"]
