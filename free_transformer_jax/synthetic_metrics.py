@@ -87,6 +87,31 @@ def ce_by_class(nll_BT: np.ndarray, targets_BT: np.ndarray) -> dict[str, float]:
     return {k: float(nll[m].mean()) if m.any() else float("nan") for k, m in kinds.items()}
 
 
+def latent_feature_corr(p_BTH: np.ndarray, targets_BT: np.ndarray,
+                        run_start_B: np.ndarray) -> dict[str, float]:
+    """The largest |correlation|, over the latent bits, between a bit's posterior probability at
+    position t and a fact about the target t predicts: ``noise`` (the target is a `!`) and
+    ``before_run`` (the target lies before the run, ``run_start_B`` = start in the body). Column 0
+    (the prompt's ``>``) is left out; a bit that never varies counts as 0."""
+    from free_transformer_jax.data import synthetic
+
+    p = np.asarray(p_BTH, np.float64)[:, 1:]
+    tgt = np.asarray(targets_BT)[:, 1:]
+    body_index = np.arange(tgt.shape[1])[None, :]  # target column j + 1 is body character j
+    facts = {"noise": tgt == synthetic.BANG,
+             "before_run": body_index < np.asarray(run_start_B)[:, None]}
+    out = {}
+    for name, fact in facts.items():
+        f = fact.reshape(-1).astype(np.float64)
+        best = 0.0
+        for h in range(p.shape[-1]):
+            x = p[..., h].reshape(-1)
+            if x.std() > 0 and f.std() > 0:
+                best = max(best, abs(float(np.corrcoef(x, f)[0, 1])))
+        out[name] = best
+    return out
+
+
 def mean_or_none(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None

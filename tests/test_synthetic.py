@@ -68,6 +68,26 @@ def test_ce_by_class():
     assert sm.CE_BANG_WITHOUT_Z == pytest.approx(2.7725887)
 
 
+def test_latent_feature_corr():
+    from free_transformer_jax.data import synthetic
+
+    rng = np.random.default_rng(0)
+    targets = np.where(rng.random((6, 65)) < 0.2, synthetic.BANG, synthetic.UNDERSCORE)
+    starts = rng.integers(0, 57, 6)
+    before = np.arange(64)[None] < starts[:, None]
+    p = np.full((6, 65, 3), 0.5)
+    p[:, 1:, 0] = np.where(targets[:, 1:] == synthetic.BANG, 0.9, 0.2)  # bit 0 = the noise
+    p[:, 1:, 1] = np.where(before, 0.7, 0.4)  # bit 1 = before the run; bit 2 constant
+    p[:, 0] = rng.random((6, 3))  # the '>' column is ignored
+    got = sm.latent_feature_corr(p, targets, starts)
+    assert got["noise"] == pytest.approx(1.0) and got["before_run"] == pytest.approx(1.0)
+    flat = sm.latent_feature_corr(np.full((6, 65, 3), 0.5), targets, starts)
+    assert flat == {"noise": 0.0, "before_run": 0.0}
+    # independent random bits: small correlations
+    noisy = sm.latent_feature_corr(rng.random((6, 65, 3)), targets, starts)
+    assert max(noisy.values()) < 0.15
+
+
 def _means(pos, noise, validity, kl):
     return {"pos_agree_shared": pos[0], "pos_agree_indep": pos[1], "noise_agree_shared": noise[0],
             "noise_agree_indep": noise[1], "validity": validity, "kl_bits": kl}
@@ -119,6 +139,8 @@ def test_sweep_end_to_end_tiny(tmp_path):
         assert len(metrics["kl_bits"]["per_seed"]) == 1
         for m in ("ce_bang_posterior", "ce_letter_posterior", "ce_underscore_posterior"):
             assert 0 < metrics[m]["mean"] < 10, (name, m)
+        corr = metrics["corr_noise"]["mean"]
+        assert corr is None if name == "baseline" else 0 <= corr <= 1
     assert res["summary"]["baseline"]["kl_bits"]["mean"] == 0.0
     assert res["summary"]["8 bit"]["kl_bits"]["mean"] > 0
     groups = res["samples"]["1/8 bit"]
