@@ -58,11 +58,11 @@ def probe(cfg, params, config, seed, n_records=512):
     import numpy as np
 
     from free_transformer_jax import synthetic_metrics as sm
-    from free_transformer_jax.data import synthetic
+    from free_transformer_jax.data.sources import open_source
     from free_transformer_jax.model.transformer import FreeTransformer
 
-    first = config.data.synthetic_size  # the validation records follow the training ones
-    records = [synthetic.generate(first + i, config.data.synthetic_seed) for i in range(n_records)]
+    source = open_source(config, config.data.eval_split, training=False)
+    records = [source.record(i) for i in range(min(n_records, len(source)))]
     ids = np.stack([r.ids for r in records])
 
     @jax.jit
@@ -145,11 +145,13 @@ def fmt(x, std=None):
 
 
 def write_table(outdir, summary, checks=()):
+    def rows(metrics):
+        return [f"| {name} | " + " | ".join(fmt(s[m]["mean"], s[m]["std"]) for m in metrics) + " |"
+                for name, s in summary.items()]
+
     lines = ["| model | pos. agreement shared Z | pos. agreement indep. Z | `!` overlap shared Z "
              "| `!` overlap indep. Z | validity | KL bits/token | CE posterior | CE prior |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, s in summary.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(s[m]["mean"], s[m]["std"]) for m in METRICS) + " |")
+             "|---|---|---|---|---|---|---|---|---|", *rows(METRICS)]
     lines += ["", "What Z encodes: the posterior's cross-entropy (nats) on each kind of target, "
               "validation records. Without Z a `!` costs ln 16 = 2.773 nats wherever it is; a "
               "model that knows the noise from Z drives it toward 0.", "",
@@ -158,9 +160,7 @@ def write_table(outdir, summary, checks=()):
               "run.", "",
               "| model | CE on `!` targets | CE on letter targets | CE on `_` targets "
               "| bit vs `!` | bit vs before-run |",
-              "|---|---|---|---|---|---|"]
-    for name, s in summary.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(s[m]["mean"], s[m]["std"]) for m in PROBE) + " |")
+              "|---|---|---|---|---|---|", *rows(PROBE)]
     if checks:
         lines += ["", "The paper's ordering (seed means; thresholds in `synthetic_metrics.py`):", ""]
         lines += [f"- {'PASS' if c['ok'] else 'FAIL'}: {c['check']}: {c['detail']}" for c in checks]
@@ -227,17 +227,15 @@ def main(argv):
         if os.path.exists(done):  # finished in an earlier invocation: the sweep resumes
             with open(done) as f:
                 metrics, groups = json.load(f)
-            if any(m not in metrics for m in PROBE):  # finished before the probe existed
-                from free_transformer_jax.checkpoint import load_model
-
-                config, cfg, params, _ = load_model(run_dir)
-                metrics.update(probe(cfg, params, config, seed))
-                with open(done, "w") as f:
-                    json.dump([metrics, groups], f)
         else:
             metrics, groups = run_model(_CONFIG.value, kappa, seed, run_dir)
-            with open(done, "w") as f:
-                json.dump([metrics, groups], f)
+        if any(m not in metrics for m in PROBE):  # finished before the probe existed
+            from free_transformer_jax.checkpoint import load_model
+
+            config, cfg, params, _ = load_model(run_dir)
+            metrics.update(probe(cfg, params, config, seed))
+        with open(done, "w") as f:
+            json.dump([metrics, groups], f)
         runs[f"{name}/seed{seed}"] = metrics
         if seed == seeds[0]:
             samples[name] = groups

@@ -96,9 +96,13 @@ class SyntheticSource:
         return self._size
 
     def __getitem__(self, index: int) -> np.ndarray:
+        return self.record(index).ids
+
+    def record(self, index: int) -> SyntheticRecord:
+        """Record ``index`` of this source with its latent facts (letter, run start, noise)."""
         if not 0 <= index < self._size:
             raise IndexError(f"synthetic record {index} out of range [0, {self._size})")
-        return generate(self._offset + int(index), self._seed).ids
+        return generate(self._offset + int(index), self._seed)
 
     def __repr__(self) -> str:
         return f"SyntheticSource(size={self._size}, seed={self._seed}, offset={self._offset})"
