@@ -43,7 +43,7 @@ def main(argv):
     from free_transformer_jax import sharding as shard_lib
     from free_transformer_jax.checkpoint import CheckpointError, load_model
     from free_transformer_jax.model.config import ConfigError
-    from free_transformer_jax.train.loop import MetricWriter
+    from free_transformer_jax.trainer import MetricWriter
 
     try:
         mesh = shard_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})

@@ -91,7 +91,7 @@ def run_model(base, kappa, seed, run_dir):
     from free_transformer_jax.checkpoint import load_model
     from free_transformer_jax.data import synthetic
     from free_transformer_jax.generate import SamplingConfig, generate
-    from free_transformer_jax.train.loop import train
+    from free_transformer_jax.trainer import train
 
     config = base.copy_and_resolve_references()
     with config.unlocked():

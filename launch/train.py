@@ -46,7 +46,7 @@ def main(argv):
     from free_transformer_jax.checkpoint import CheckpointError
     from free_transformer_jax.model.config import ConfigError
     from free_transformer_jax.sharding import MeshError
-    from free_transformer_jax.train.loop import TrainingError, train
+    from free_transformer_jax.trainer import TrainingError, train
 
     try:
         train(_CONFIG.value, _WORKDIR.value)

@@ -11,7 +11,7 @@ from free_transformer_jax import data as data_lib
 from free_transformer_jax import evaluate as eval_lib
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.checkpoint import CheckpointError, load_model
-from free_transformer_jax.train.loop import train
+from free_transformer_jax.trainer import train
 from helpers import tiny_train_config
 
 TASK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tasks",

@@ -9,7 +9,7 @@ import pytest
 
 from free_transformer_jax.checkpoint import Checkpointer, load_model
 from free_transformer_jax.model.config import ConfigError
-from free_transformer_jax.train.loop import TrainingError, train
+from free_transformer_jax.trainer import TrainingError, train
 from helpers import tiny_train_config
 
 

@@ -1,4 +1,5 @@
-"""The training loop: sharded init or resume, the jitted step, metrics one step late, Orbax
+"""The training loop (top level, so dependencies point one way: model <- train/ <- checkpoint,
+evaluate <- trainer <- launch): sharded init or resume, the jitted step, metrics one step late, Orbax
 checkpoints with the data-iterator state, TensorBoard events and a console progress line."""
 
 from __future__ import annotations
