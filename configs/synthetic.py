@@ -1,4 +1,4 @@
-"""The paper's synthetic task (SPEC section 7, paper section 4.1), sized to train on a 2-core CPU
+"""The paper's synthetic task (paper section 4.1; data/synthetic.py), sized to train on a 2-core CPU
 in a few minutes. Used by launch/synthetic_sweep.py for the kappa sweep. The paper does not give
 its synthetic model's size or recipe: everything below is a [choice]."""
 

@@ -18,7 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
 
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",  # synthetic (SPEC section 7) | tfds (an ArrayRecord TFDS dataset)
+        source="synthetic",  # synthetic (data/synthetic.py) | tfds (an ArrayRecord TFDS dataset)
         # model input length per row (targets are the inputs shifted by one); 65 = one 66-token
         # synthetic record
         seq_len=65,

@@ -1,4 +1,5 @@
-"""Honest likelihoods for the Free Transformer (SPEC section 8) and continuation scoring.
+"""Honest likelihoods for the Free Transformer (BUILD_NOTES.md, "Evaluation and generation") and
+continuation scoring.
 
 Cross-entropy with the encoder's Z leaks up to kappa nats per token of the answer into Z, so it is
 never comparable to a baseline's CE. Reported per token:

@@ -1,4 +1,4 @@
-"""Sampling with a fixed-shape KV cache (SPEC section 4).
+"""Sampling with a fixed-shape KV cache (BUILD_NOTES.md, "Evaluation and generation").
 
 * Prompt prefill runs the encoder on the prompt (non-causal over the prompt only) and SAMPLES the
   prompt's Z from it; the injection block's keys/values for the prompt enter the cache with it.
@@ -148,7 +148,7 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], sc
 
     z_groups: one id per prompt; prompts with the same id share Z (prompt Z and every new Z), the
       paper's shared-Z groups. Default: every row its own group (independent Z).
-    prompt_z: ``"encoder"`` (default, SPEC section 4: the prompt's Z is sampled from the encoder
+    prompt_z: ``"encoder"`` (default, the paper's generation: the prompt's Z is sampled from the encoder
       run on the prompt) or ``"prior"`` (the whole Z_1..Z_T uniform, e.g. for a prompt that says
       nothing about what follows, as in the synthetic task).
     Returns a dict with ``tokens`` (B, P + max_new) left-padded prompts + continuations,

@@ -1,4 +1,5 @@
-"""What the paper's synthetic experiment measures (SPEC section 7), on generated strings.
+"""What the paper's synthetic experiment measures (BUILD_NOTES.md, "Synthetic experiment"), on
+generated strings.
 
 A sequence is ``<L>>`` + 64 body characters. It is *valid* when its body holds only ``_``, ``!``
 and the prompt letter L, and every L lies inside one window of 8 consecutive characters that are
@@ -117,9 +118,9 @@ def mean_or_none(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-# Thresholds of the paper's ordering (issue 6), on seed-averaged metrics. Chance position
-# agreement is about 0.05 (two uniform starts in [0, 56] within 1 of each other); with 6 prompts x
-# 3 groups x 28 pairs per model its standard error is about 0.01.
+# Thresholds of the paper's ordering (:func:`paper_ordering`), on seed-averaged metrics. Chance
+# position agreement is about 0.05 (two uniform starts in [0, 56] within 1 of each other); with 6
+# prompts x 3 groups x 28 pairs per model its standard error is about 0.01.
 NEAR = 0.05  # "near the independent level": |shared - independent| <= NEAR
 CLEARLY = 0.10  # "clearly above": a margin of at least CLEARLY
 VALIDITY_DROP = 0.20  # "validity drops at 8 bits": at least this far below the baseline's

@@ -1,4 +1,5 @@
-"""Parity with Hugging Face transformers' LlamaForCausalLM through from_hf_llama (issue 2, test 6)."""
+"""Parity with Hugging Face transformers' LlamaForCausalLM through from_hf_llama (BUILD_NOTES.md,
+"HF Llama parity and conversion")."""
 
 import jax
 import jax.numpy as jnp

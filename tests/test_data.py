@@ -1,5 +1,5 @@
-"""Data layer (issue 3): the synthetic task, tokenizers, local TFDS datasets, packing, sharding and
-checkpointable iterators."""
+"""Data layer (BUILD_NOTES.md, "Data"): the synthetic task, tokenizers, local TFDS datasets,
+packing, sharding and checkpointable iterators."""
 
 import collections
 import json
@@ -54,7 +54,7 @@ def rows_as_documents(batches):
     return docs
 
 
-# The synthetic task (SPEC section 7) --------------------------------------------------------------
+# The synthetic task (data/synthetic.py) ------------------------------------------------------------
 
 def test_synthetic_records_follow_the_spec():
     n = 3000

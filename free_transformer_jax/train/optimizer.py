@@ -32,8 +32,11 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(optim, total_steps)
+def make_optimizer(optim: Mapping[str, Any], total_steps: int,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """The optimizer of ``optim``; ``schedule`` (default: :func:`learning_rate_schedule`) is passed
+    by the program builder so the optimizer and the logged ``lr`` share one schedule object."""
+    schedule = learning_rate_schedule(optim, total_steps) if schedule is None else schedule
     parts = []
     if float(optim["grad_clip"]) > 0:
         parts.append(optax.clip_by_global_norm(float(optim["grad_clip"])))

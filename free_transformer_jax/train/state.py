@@ -58,10 +58,13 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int,
-               params: Any | None = None) -> tuple[TrainState, TrainState]:
-    """A freshly initialised state created directly in its sharded layout (never whole on one
-    device). ``params`` (e.g. converted from a HF checkpoint) replaces the random init."""
-    _, shardings = state_shardings(cfg, tx, mesh)
+               params: Any | None = None, shardings: TrainState | None = None
+               ) -> tuple[TrainState, TrainState]:
+    """(state, shardings): a freshly initialised state created directly in its sharded layout
+    (never whole on one device). ``params`` (e.g. converted from a HF checkpoint) replaces the
+    random init; ``shardings`` (from :func:`state_shardings`) saves recomputing them."""
+    if shardings is None:
+        _, shardings = state_shardings(cfg, tx, mesh)
 
     def init(key):
         p = nn.meta.unbox(init_params(cfg, key))
