@@ -9,7 +9,8 @@ configs/synthetic.py (resuming if the run exists), evaluate KL/CE/ELBO, probe th
 for --prompts random prompts generate one group with independent Z and --shared_groups groups with
 one shared Z (each --group_size sequences). Writes results.json (every generated sample of every
 seed), results.md and figure.png into --outdir. Interrupted? Run the same command again: finished
-models are read back, a model in training resumes from its last checkpoint. Runs on whatever JAX
+models are read back, a model in training resumes from its last checkpoint (a run directory
+refuses to resume under a different training config). Runs on whatever JAX
 platform is present (CPU or GPU).
 
     python launch/synthetic_sweep.py --rescore=docs/synthetic_sweep/results.json \
@@ -51,6 +52,13 @@ _PROMPT_Z = flags.DEFINE_enum("prompt_z", "prior", ["prior", "encoder"],
                               "paper's 'Z sampled' groups), or sampled from the encoder run on the "
                               "prompt alone (the general prefill protocol).")
 _RESCORE = flags.DEFINE_string("rescore", "", "Re-analyse this stored results.json (no training).")
+_COMPARE = flags.DEFINE_string(
+    "compare_to", "", "A stored results.json (e.g. the ablations' base): results.md then also "
+    "gives this sweep's differences from it with 95% bootstrap intervals.")
+_RUNS_DIR = flags.DEFINE_string(
+    "runs_dir", "", "Where the trained models live (default: <outdir>/runs). Sweeps that differ only "
+    "in generation settings (--temperature, --prompt_z, --prompts, ...) can share it: each keeps "
+    "its own cached samples, and no model is trained twice.")
 
 GEN_COLUMNS = (("pos_agree_shared", "pos. agreement shared Z"), ("pos_agree_indep", "indep. Z"),
                ("pos_excess", "excess"), ("noise_agree_shared", "`!` overlap shared Z"),
@@ -77,7 +85,7 @@ def model_label(k: float | None, h: int | None) -> str:
     return f"{kappa_name(k)}, H={h}" + (" (no KL term)" if h <= k else "")
 
 
-def latent_bits_for(base_bits: int, overrides: list[str]) -> dict[float, int]:
+def latent_bits_for(overrides: list[str]) -> dict[float, int]:
     out = {}
     for item in overrides:
         try:
@@ -173,19 +181,46 @@ def run_model(config, seed, run_dir):
     return metrics, {f"{p}/{g}": texts[i:i + _GROUP.value] for p, g, i in layout}
 
 
+# Fields that do not change what a run trains, so a run may resume under other values.
+_BOOKKEEPING = {"train": ("log_every", "ckpt_every", "keep_ckpts", "async_ckpt", "eval_every",
+                          "profile_steps"),
+                "data": ("num_workers", "prefetch", "read_threads", "read_buffer"),
+                "model": ("latent_code_chunk", "latent_token_chunk", "attention_chunk", "remat_policy"),
+                "mesh": ("data", "fsdp", "tensor", "dcn_data")}
+
+
+def check_run_config(run_dir, config):
+    """A run directory holds one training setup: refuse to resume it under another config (the
+    trainer writes config.json there), naming the fields that differ."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    new = json.loads(json.dumps(config.to_dict()))
+    diff = [f"{sec}.{k}" for sec in sorted(set(old) | set(new))
+            for k in sorted(set(old.get(sec, {})) | set(new.get(sec, {})))
+            if k not in _BOOKKEEPING.get(sec, ()) and old.get(sec, {}).get(k) != new.get(sec, {}).get(k)]
+    if diff:
+        raise app.UsageError(f"{run_dir} was trained with other values of {', '.join(diff)}; use "
+                             "another --outdir/--runs_dir for this setup")
+
+
 def fmt(x):
     return "n/a" if x is None else f"{x:.3f}"
 
 
 # Report ---------------------------------------------------------------------------------------------
-def analyse(models):
-    """Bootstrap estimates per model (``synthetic_metrics.analyse_model``) and the checks."""
+def analyse(models, stream=0):
+    """Bootstrap estimates per model (``synthetic_metrics.analyse_model``) and the checks. Every
+    model, and every sweep compared with another (``stream``), draws its own random stream."""
     from free_transformer_jax import synthetic_metrics as sm
 
     analyses = {}
     for i, (name, m) in enumerate(models.items()):
         analyses[name] = sm.analyse_model({int(s): g for s, g in m["samples"].items()},
-                                          {int(s): r for s, r in m["runs"].items()}, seed=i)
+                                          {int(s): r for s, r in m["runs"].items()},
+                                          seed=1000 * stream + i)
     by_kappa = {m["kappa_bits"]: analyses[name] for name, m in models.items()}
     bits = {m["kappa_bits"]: m["latent_bits"] for m in models.values() if m["kappa_bits"] is not None}
     return analyses, sm.paper_ordering(by_kappa, bits)
@@ -201,6 +236,11 @@ def write_table(outdir, models, analyses, checks, provenance):
     def seeds(name, key):
         return ",".join(str(s) for s in sorted(models[name][key], key=int)) or "none"
 
+    goals = [c for c in checks if c["kind"] == "goal"]
+    missed = [c["check"] for c in goals if not c["ok"]]
+    if goals:
+        provenance = [*provenance, "", f"Goals met: {len(goals) - len(missed)} of {len(goals)}"
+                      + (f"; not met: {'; '.join(missed)}." if missed else ".")]
     lines = [*provenance, "",
              "Every `a ± b` is the seed mean ± its bootstrap standard error: replicates resample "
              "the seeds, then the Z groups within each seed (a group's sequences share a prompt "
@@ -352,9 +392,36 @@ def draw_figure(path, models, analyses, prompt="0"):
     plt.close(fig)
 
 
-def report(outdir, models, settings, provenance):
-    """Analyse ``models`` and write results.json, results.md and figure.png into ``outdir``."""
+COMPARED = ("pos_agree_shared", "pos_excess", "noise_excess", "target_rate", "validity")
+
+
+def compare_lines(models, analyses, reference):
+    """results.md lines: this sweep minus the sweep stored at ``reference`` (an ablation against
+    its base), per model both have, with 95% intervals of the difference."""
+    from free_transformer_jax import synthetic_metrics as sm
+
+    ref_models, _ = load_stored(reference)
+    ref, _ = analyse(ref_models, stream=1)
+    lines = ["", f"Against `{reference}` (this sweep minus that one; 95% interval of the difference; "
+             "0 outside it = the change moved the metric):", "",
+             "| model | " + " | ".join(dict(GEN_COLUMNS).get(m, m) for m in COMPARED) + " |",
+             "|---|" + "---|" * len(COMPARED)]
+    for name in analyses:
+        if name in ref:
+            cells = []
+            for m in COMPARED:
+                a, b = analyses[name]["all"].get(m), ref[name]["all"].get(m)
+                cells.append("n/a" if a is None or b is None else sm.fmt_boot(a - b, interval=True))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(outdir, models, settings, provenance, reference=""):
+    """Analyse ``models`` and write results.json, results.md and figure.png into ``outdir``; with
+    ``reference`` (a stored results.json), also the differences against it."""
     analyses, checks = analyse(models)
+    if reference:
+        provenance = [*provenance, *compare_lines(models, analyses, reference)]
     summary = {name: {"all": {m: b.to_dict() for m, b in a["all"].items()},
                       "per_seed": {str(s): {m: b.to_dict() for m, b in r.items()}
                                    for s, r in a["per_seed"].items()}}
@@ -440,39 +507,42 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     outdir = _OUTDIR.value
     os.makedirs(outdir, exist_ok=True)
+    for flag in (_RESCORE, _COMPARE):
+        if flag.value and not os.path.exists(flag.value):
+            raise app.UsageError(f"--{flag.name}={flag.value}: no such file")
     if _RESCORE.value:
-        if not os.path.exists(_RESCORE.value):
-            raise app.UsageError(f"--rescore={_RESCORE.value}: no such file")
         models, settings = load_stored(_RESCORE.value)
         settings.setdefault("rescored_from", _RESCORE.value)
-        print(report(outdir, models, settings, provenance_lines(models, settings, rescored=True)))
+        print(report(outdir, models, settings, provenance_lines(models, settings, rescored=True),
+                     _COMPARE.value))
         return
 
     base = _CONFIG.value
     kappas = [float(fractions.Fraction(k)) for k in _KAPPAS.value]
-    overrides = latent_bits_for(base.model.latent_bits, _LATENT_BITS_FOR.value)
+    overrides = latent_bits_for(_LATENT_BITS_FOR.value)
     specs = ([(None, None)] if _BASELINE.value else []) + [
         (k, overrides.get(k, base.model.latent_bits)) for k in kappas]
     seeds = [int(s) for s in _SEEDS.value]
     models = {kappa_name(k): {"kappa_bits": k, "latent_bits": h, "samples": {}, "runs": {}}
               for k, h in specs}
     total, t0 = len(specs) * len(seeds), time.perf_counter()
+    runs_dir = _RUNS_DIR.value or os.path.join(outdir, "runs")
+    gen_tag = (f"{_PROMPT_Z.value}_T{_TEMPERATURE.value:g}_{_PROMPTS.value}x{1 + _SHARED.value}"
+               f"x{_GROUP.value}_E{_EVAL_BATCHES.value}")
     for i, (seed, (kappa, h)) in enumerate((s, spec) for s in seeds for spec in specs):
         name = kappa_name(kappa)
         elapsed = time.perf_counter() - t0
         eta = f", ETA {elapsed / i * (total - i) / 60:.0f} min" if i else ""
         print(f"[{i + 1}/{total}] {model_label(kappa, h)}, seed {seed}{eta}", flush=True)
         slug = name.replace("/", "_").replace(" ", "_") + ("" if kappa is None else f"_H{h}")
-        run_dir = os.path.abspath(os.path.join(outdir, "runs", f"{slug}_seed{seed}"))
-        done = os.path.join(run_dir, "sweep_result.json")
+        run_dir = os.path.abspath(os.path.join(runs_dir, f"{slug}_seed{seed}"))
+        done = os.path.join(run_dir, f"sweep_result_{gen_tag}.json")
         config = model_config(base, kappa, h, seed)
-        result = None
+        check_run_config(run_dir, config)
         if os.path.exists(done):  # finished in an earlier invocation: the sweep resumes
             with open(done) as f:
                 result = json.load(f)
-            if not isinstance(result, dict) or result.get("version") != 2:
-                result = None  # written by an older version of this script: evaluate again
-        if result is None:
+        else:
             metrics, groups = run_model(config, seed, run_dir)
             result = {"version": 2, "metrics": metrics, "groups": groups}
             with open(done, "w") as f:
@@ -485,7 +555,8 @@ def main(argv):
                 "shared_groups": _SHARED.value, "group_size": _GROUP.value,
                 "temperature": _TEMPERATURE.value, "prompt_z": _PROMPT_Z.value,
                 "config": base.to_dict()}
-    print(report(outdir, models, settings, provenance_lines(models, settings, rescored=False)))
+    print(report(outdir, models, settings, provenance_lines(models, settings, rescored=False),
+                 _COMPARE.value))
     print(f"wrote {outdir}/results.json, results.md, figure.png "
           f"({(time.perf_counter() - t0) / 60:.1f} min)")
 
