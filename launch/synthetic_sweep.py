@@ -365,7 +365,7 @@ def draw_figure(path, models, analyses, prompt="0"):
                          + (f"   [{label}, seed {seeds[0]}]" if c == 0 else ""), fontsize=8, loc="left")
         pos, noise = a.get("pos_agree_shared"), a.get("noise_agree_shared")
         pi, ni = a.get("pos_agree_indep"), a.get("noise_agree_indep")
-        fig.text(0.91, 1 - (r + 0.5) / (len(names) + 1.6), "position agreement\nshared "
+        fig.text(0.91, 1 - (r + 0.5) / (len(names) + 1.6), "mean ± s.e.\nposition agreement\nshared "
                  f"{sm.fmt_boot(pos)}\nindep. {sm.fmt_boot(pi)}\n'!' overlap\nshared {sm.fmt_boot(noise)}"
                  f"\nindep. {sm.fmt_boot(ni)}", fontsize=6.5, va="center")
     ax = fig.add_subplot(grid[len(names), :])
@@ -385,7 +385,8 @@ def draw_figure(path, models, analyses, prompt="0"):
                   fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("agreement", fontsize=8)
-    ax.set_title("seed means with 95% bootstrap intervals (seeds, then Z groups within a seed)", fontsize=8, loc="left")
+    ax.set_title("seed means with 95% bootstrap intervals (seeds, then Z groups within a seed)",
+                 fontsize=8, loc="left")
     ax.legend(fontsize=7, ncol=4, loc="upper left")
     fig.subplots_adjust(left=0.05, right=0.9, top=0.97, bottom=0.05)
     fig.savefig(path, dpi=100)
@@ -443,7 +444,8 @@ def load_stored(path):
     with open(path) as f:
         d = json.load(f)
     if d.get("version") == 2:
-        return d["models"], {k: v for k, v in d.items() if k not in ("version", "models", "summary", "checks")}
+        skip = ("version", "models", "summary", "checks")
+        return d["models"], {k: v for k, v in d.items() if k not in skip}
     h = d["config"]["model"]["latent_bits"]
     models = {}
     for k in [None] + d["kappas_bits"]:
@@ -464,7 +466,8 @@ def load_stored(path):
     settings = {"seeds": d["seeds"], "kappas_bits": d["kappas_bits"], "prompts": d["prompts"],
                 "shared_groups": d["shared_groups"], "group_size": d["group_size"],
                 "config": d["config"],
-                "rescored_from": f"the first sweep's stored results ({path}, {d['config']['train']['steps']} steps, seeds "
+                "rescored_from": f"the first sweep's stored results ({path}, "
+                                 f"{d['config']['train']['steps']} steps, seeds "
                                  f"{', '.join(map(str, d['seeds']))}, H = {h} for every kappa)"}
     return models, settings
 
@@ -474,7 +477,8 @@ def provenance_lines(models, settings, rescored):
     hs = sorted({m["latent_bits"] for m in models.values() if m["latent_bits"] is not None})
     gen = sorted({s for m in models.values() for s in m["samples"]}, key=int)
     ev = sorted({s for m in models.values() for s in m["runs"]}, key=int)
-    lines = [f"# Synthetic sweep: {len(ev)} seed(s), {steps} steps, H = {'/'.join(map(str, hs))}", ""]
+    lines = [f"# Synthetic sweep: {len(ev)} seed{'s' * (len(ev) != 1)}, {steps} steps, "
+             f"H = {'/'.join(map(str, hs))}", ""]
     if rescored:
         lines.append(f"**Re-scored, not re-run**: {settings.get('rescored_from', 'a stored run')} "
                      "analysed again with the current metrics and statistics; no model was trained.")
@@ -482,7 +486,7 @@ def provenance_lines(models, settings, rescored):
                  f"stored); likelihoods from seed(s) {', '.join(ev)}.")
     short = []
     if len(ev) < 3:
-        short.append(f"{len(ev)} seeds, not the 3 per kappa the protocol asks")
+        short.append(f"{len(ev)} seed{'s' * (len(ev) != 1)}, not the 3 per kappa the protocol asks")
     if len(gen) < len(ev):
         short.append("the generation intervals cover Z-group sampling within one seed only, not "
                      "the seed-to-seed spread (large at 1 bit: see the old per-seed table)")

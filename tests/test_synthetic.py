@@ -252,7 +252,8 @@ def test_rescore_of_the_first_sweeps_format(tmp_path):
     this version's tables, with the limits spelt out."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("sweep", os.path.join(ROOT, "launch", "synthetic_sweep.py"))
+    script = os.path.join(ROOT, "launch", "synthetic_sweep.py")
+    spec = importlib.util.spec_from_file_location("sweep", script)
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     rng = np.random.default_rng(4)
@@ -343,4 +344,5 @@ def test_sweep_end_to_end_tiny(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "synthetic_sweep.py"),
                         f"--outdir={out}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
-    assert r.returncode == 0 and json.load(open(os.path.join(out, "results.json")))["models"] == res["models"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(os.path.join(out, "results.json")))["models"] == res["models"]
