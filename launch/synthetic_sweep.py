@@ -421,7 +421,10 @@ def report(outdir, models, settings, provenance, reference=""):
     """Analyse ``models`` and write results.json, results.md and figure.png into ``outdir``; with
     ``reference`` (a stored results.json), also the differences against it."""
     analyses, checks = analyse(models)
-    if reference:
+    if reference and not os.path.exists(reference):  # e.g. the base of an ablation still training
+        print(f"--compare_to={reference}: no such file yet, so results.md has no comparison; run "
+              "the same command again once it exists (nothing is trained again)", flush=True)
+    elif reference:
         provenance = [*provenance, *compare_lines(models, analyses, reference)]
     summary = {name: {"all": {m: b.to_dict() for m, b in a["all"].items()},
                       "per_seed": {str(s): {m: b.to_dict() for m, b in r.items()}
@@ -511,9 +514,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     outdir = _OUTDIR.value
     os.makedirs(outdir, exist_ok=True)
-    for flag in (_RESCORE, _COMPARE):
-        if flag.value and not os.path.exists(flag.value):
-            raise app.UsageError(f"--{flag.name}={flag.value}: no such file")
+    if _RESCORE.value and not os.path.exists(_RESCORE.value):
+        raise app.UsageError(f"--rescore={_RESCORE.value}: no such file")
     if _RESCORE.value:
         models, settings = load_stored(_RESCORE.value)
         settings.setdefault("rescored_from", _RESCORE.value)
