@@ -209,7 +209,8 @@ def fmt_boot(b: Boot | None, interval: bool = False) -> str:
 def within_position_corr(p_BTH: np.ndarray, fact_BT: np.ndarray) -> float:
     """How strongly one latent bit tracks a fact about the sequence: for each position t and bit h,
     the |correlation| across records between the bit's posterior probability and the fact at t;
-    averaged over the positions where both vary; the largest over bits. A bit that depends on the
+    averaged over the positions where the fact varies (a bit constant there counts 0); the largest
+    over bits. A bit that depends on the
     position alone does not vary within a position and scores 0; a bit independent of the fact
     scores about sqrt(2 / (pi * records)) (0.035 for 512 records)."""
     p = np.asarray(p_BTH, np.float64)
