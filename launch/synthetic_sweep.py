@@ -207,9 +207,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import numpy as np
-    from absl import logging
 
-    logging.set_verbosity(logging.WARNING)
+    from free_transformer_jax.logs import setup_console_logging
+
+    setup_console_logging()  # Orbax/Grain INFO chatter needs -v=1
     outdir = _OUTDIR.value
     os.makedirs(outdir, exist_ok=True)
     kappas = [float(fractions.Fraction(k)) for k in _KAPPAS.value]
