@@ -12,13 +12,13 @@ from it is an error, not a silent replication.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")

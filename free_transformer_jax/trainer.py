@@ -54,6 +54,10 @@ def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return flat
 
 
+# scalars the HParams tab shows next to the hyperparameters
+HPARAM_METRICS = ("train/loss", "train/ce", "train/kl_bits")
+
+
 class MetricWriter:
     """TensorBoard events (process 0 only) via tensorboardX: no TensorFlow needed."""
 
@@ -70,11 +74,21 @@ class MetricWriter:
                 self.writer.add_scalar(prefix + k, v, step)
 
     def hyperparameters(self, step: int, config: ml_collections.ConfigDict):
-        """The flattened config as one text summary (a two-column table in TensorBoard's Text
-        tab), written once per ``train()`` call at the step it starts from."""
-        if self.writer is not None:
-            rows = "\n".join(f"| {k} | {v!r} |" for k, v in sorted(flatten_config(config).items()))
-            self.writer.add_text("hyperparameters", "| field | value |\n|---|---|\n" + rows, step)
+        """The flattened config, written once per ``train()`` call at the step it starts from: as
+        a TensorBoard HParams session (the HPARAMS tab, comparable across runs) and as a text
+        table (the TEXT tab)."""
+        if self.writer is None:
+            return
+        from tensorboardX.summary import hparams as hparams_summaries
+
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else repr(v)
+                for k, v in flatten_config(config).items()}
+        experiment, session_start, _ = hparams_summaries(flat, {k: 0.0 for k in HPARAM_METRICS})
+        file_writer = self.writer._get_file_writer()  # the same event file as the scalars
+        file_writer.add_summary(experiment, step)
+        file_writer.add_summary(session_start, step)
+        rows = "\n".join(f"| {k} | {v!r} |" for k, v in sorted(flat.items()))
+        self.writer.add_text("hyperparameters", "| field | value |\n|---|---|\n" + rows, step)
 
     def close(self):
         if self.writer is not None:

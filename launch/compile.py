@@ -15,8 +15,11 @@ Exits with status 1 and a one-line message when the step needs more than --hbm_g
 import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from free_transformer_jax.logs import setup_console_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128, v5e-256, v4-64, or a "
@@ -31,13 +34,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if bool(_TOPOLOGY.value) == bool(_CPU_DEVICES.value):
         sys.exit("error: pass exactly one of --topology or --cpu_devices")
-    if _CPU_DEVICES.value:  # must happen before the CPU backend is first used
+    setup_console_logging()
+    if _CPU_DEVICES.value:  # must happen before the CPU backend is first used (not at import)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}")
-
-    import jax
-
-    if _CPU_DEVICES.value:
         jax.config.update("jax_platforms", "cpu")
 
     from free_transformer_jax import flops as flops_lib
@@ -87,4 +87,5 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
+    jax.config.config_with_absl()  # --jax_* flags
     app.run(main)

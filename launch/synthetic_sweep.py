@@ -509,9 +509,9 @@ def provenance_lines(models, settings, rescored):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from absl import logging
+    from free_transformer_jax.logs import setup_console_logging
 
-    logging.set_verbosity(logging.WARNING)
+    setup_console_logging()  # Orbax/Grain INFO chatter needs -v=1
     outdir = _OUTDIR.value
     os.makedirs(outdir, exist_ok=True)
     if _RESCORE.value and not os.path.exists(_RESCORE.value):

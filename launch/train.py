@@ -12,8 +12,11 @@ jax.distributed.initialize() before anything touches a device.
 import os
 import sys
 
-from absl import app, flags, logging
+import jax
+from absl import app, flags
 from ml_collections import config_flags
+
+from free_transformer_jax.logs import setup_console_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
@@ -37,11 +40,9 @@ def multiprocess_environment() -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
-
+    setup_console_logging()  # -v sets the verbosity (INFO by default); Orbax/Grain INFO needs -v=1
     if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and multiprocess_environment()):
         jax.distributed.initialize()
-    logging.set_verbosity(logging.WARNING)
 
     from free_transformer_jax.checkpoint import CheckpointError
     from free_transformer_jax.model.config import ConfigError
@@ -56,4 +57,5 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
+    jax.config.config_with_absl()  # --jax_* flags, e.g. --jax_log_compiles
     app.run(main)

@@ -30,6 +30,7 @@ def workdir(tmp_path_factory):
             devices=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 4/4" in r.stdout and "resumed" not in r.stdout
+    assert "Saving checkpoint" not in r.stderr  # Orbax's INFO chatter needs -v=1
     return wd
 
 
@@ -39,9 +40,11 @@ def test_train_writes_events_and_checkpoints_then_resumes(workdir):
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["model"]["d_model"] == 32
     r = run("train.py", "--config=configs/demo.py", f"--workdir={workdir}", "--config.train.steps=6",
-            *TINY, devices=2)
+            *TINY, "-v=1", "--jax_log_compiles", devices=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 4" in r.stdout
+    # absl's -v and JAX's own flags reach the libraries
+    assert "Saving checkpoint at step 6" in r.stderr and "Compiling train_step" in r.stderr
     assert "step 6/6" in r.stdout and "step 2/" not in r.stdout
     assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
 

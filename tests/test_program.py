@@ -67,3 +67,19 @@ def test_build_program_rejects_bad_configs_in_one_line():
     c.train.log_every = 0
     with pytest.raises(ConfigError, match=r"train.log_every=0: must be >= 1"):
         build_program(c)
+
+
+def test_topology_names_and_a_missing_libtpu_is_one_line():
+    from free_transformer_jax import topology
+
+    assert topology.topology_name("v5p-128") == ("v5p:4x4x4", 95)  # 128 cores = 64 chips
+    assert topology.topology_name("v4-64") == ("v4:2x4x4", 32)
+    assert topology.topology_name("v5e-256") == ("v5e:16x16", 16)
+    assert topology.topology_name("v5p:2x2x2")[0] == "v5p:2x2x2"
+    with pytest.raises(topology.TopologyError, match="expected e.g. v5p-128"):
+        topology.topology_name("tpu-big")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:  # the usual CPU machine: compile.py's error is one line naming the fix
+        with pytest.raises(topology.TopologyError, match=r'pip install "jax\[tpu\]"'):
+            topology.topology_mesh({"data": -1, "fsdp": 1, "tensor": 1}, "v5p-8")

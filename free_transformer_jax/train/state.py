@@ -19,8 +19,9 @@ from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model.config import ModelConfig
 from free_transformer_jax.model.transformer import init_params
 
-# rng purposes, folded into the seed's key: one independent stream each
-PARAMS, LATENT, DROPOUT, SAMPLE = 0, 1, 2, 3
+# rng purposes, folded into the seed's key: one independent stream each (parameter init; the
+# latent noise of training steps, folded with the step)
+PARAMS, LATENT = 0, 1
 
 
 def purpose_key(seed: int, purpose: int) -> jax.Array:
