@@ -16,6 +16,7 @@ import numpy as np
 
 from free_transformer_jax import checkpoint as ckpt_lib
 from free_transformer_jax import flops as flops_lib
+from free_transformer_jax import init_from
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model.config import ConfigError, ModelConfig
 from free_transformer_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -100,7 +101,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         state = ckpt.restore_state(abstract, data_iter=data_iter)
         _print(f"resumed from {ckpt.directory} at step {int(state.step)}")
     else:
-        state, _ = init_state(cfg, tx, mesh, t.seed)
+        params = init_from.initial_params(config, cfg, mesh, t.seed)  # None: random init
+        state, _ = init_state(cfg, tx, mesh, t.seed, params=params)
     start = int(state.step)
     if start >= t.steps:
         _print(f"already at step {start} >= train.steps={t.steps}; nothing to do")
