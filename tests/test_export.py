@@ -3,6 +3,7 @@
 ``launch/export.py`` (a baseline that transformers loads with our logits; a Free Transformer whose
 latent parameters come back exactly). One real training run for the whole module."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -65,9 +66,13 @@ def hf_logits(model, tokens):
 TOKENS = np.random.default_rng(0).integers(0, 29, (2, 48)).astype(np.int32)
 
 
-def ours(cfg, params, latent="posterior"):
-    logits, _ = jax.jit(FreeTransformer(cfg).apply, static_argnames="latent")(
-        {"params": params}, TOKENS, latent=latent, rngs={"latent": jax.random.key(5)})
+@functools.lru_cache(maxsize=None)
+def _apply(cfg):
+    return jax.jit(FreeTransformer(cfg).apply)  # compiled once per model config
+
+
+def ours(cfg, params):
+    logits, _ = _apply(cfg)({"params": params}, TOKENS, rngs={"latent": jax.random.key(5)})
     return np.asarray(logits)
 
 
