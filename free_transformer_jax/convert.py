@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from typing import Any, Callable, Iterable
 
@@ -26,6 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
 from free_transformer_jax import sharding as shard_lib
@@ -456,7 +456,7 @@ class _SafetensorsWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
-        self._f = open(path, "wb")
+        self._f = epath.Path(path).open("wb")  # local or gs://
         self._f.write(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
 
@@ -495,7 +495,7 @@ def write_decoder(cfg: ModelConfig, params: dict, path: str) -> None:
         one = tuple(leaf.shape[1:]) if p[1:2] == ("layers",) else tuple(leaf.shape)
         plan += [(n, _hf_shape(kind, one), leaf.dtype) for n in names]
     # transformers reads tensors by name, so the file's order (ours, one parameter at a time) is free
-    writer = _SafetensorsWriter(os.path.join(path, "model.safetensors"), plan, {"format": "pt"})
+    writer = _SafetensorsWriter(str(epath.Path(path) / "model.safetensors"), plan, {"format": "pt"})
     for p, names, kind in layout:
         host = _to_host(_get(params, p))  # one parameter on the host at a time
         stacked = p[1:2] == ("layers",)
@@ -508,7 +508,7 @@ def write_decoder(cfg: ModelConfig, params: dict, path: str) -> None:
 def write_latent(cfg: ModelConfig, params: dict, path: str) -> None:
     """``latent.safetensors`` (our names) and ``latent.json`` describing them."""
     flat = _flat_names({"encoder": params["encoder"], "post_sampler": params["post_sampler"]})
-    writer = _SafetensorsWriter(os.path.join(path, LATENT_FILE),
+    writer = _SafetensorsWriter(str(epath.Path(path) / LATENT_FILE),
                                 [(n, tuple(a.shape), a.dtype) for n, a in flat.items()],
                                 {"format": LATENT_FORMAT})
     for n, a in flat.items():
@@ -534,8 +534,7 @@ def write_latent(cfg: ModelConfig, params: dict, path: str) -> None:
             "post_sampler": "table (2**H, D): row Z is added to the injection block's key/value input"},
         "model": cfg.to_dict(),
     }
-    with open(os.path.join(path, LATENT_JSON), "w") as f:
-        json.dump(meta, f, indent=2)
+    (epath.Path(path) / LATENT_JSON).write_text(json.dumps(meta, indent=2))
 
 
 def write_tokenizer(path: str, spm_model: str, *, bos_id: int | None, eos_id: int | None,
@@ -543,15 +542,15 @@ def write_tokenizer(path: str, spm_model: str, *, bos_id: int | None, eos_id: in
     """A SentencePiece model as a HF ``LlamaTokenizer`` (``tokenizer.model`` + its config)."""
     import sentencepiece as spm
 
-    shutil.copyfile(spm_model, os.path.join(path, "tokenizer.model"))
-    sp = spm.SentencePieceProcessor(model_file=spm_model)
+    (epath.Path(path) / "tokenizer.model").write_bytes(epath.Path(spm_model).read_bytes())
+    sp = spm.SentencePieceProcessor(model_proto=epath.Path(spm_model).read_bytes())
     piece = lambda i: sp.id_to_piece(i) if i is not None and i >= 0 else None  # noqa: E731
     conf = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(bos_id), "eos_token": piece(eos_id),
             "unk_token": piece(sp.unk_id()), "pad_token": piece(sp.pad_id()),
             "add_bos_token": bool(add_bos and bos_id is not None), "add_eos_token": False,
             "model_max_length": int(max_len), "legacy": True}
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({k: v for k, v in conf.items() if v is not None}, f, indent=2)
+    (epath.Path(path) / "tokenizer_config.json").write_text(
+        json.dumps({k: v for k, v in conf.items() if v is not None}, indent=2))
 
 
 def export_llama(cfg: ModelConfig, params: dict, out: str, *, decoder_only: bool = False,
@@ -571,15 +570,16 @@ def export_llama(cfg: ModelConfig, params: dict, out: str, *, decoder_only: bool
     if not cfg.scan_layers:
         raise ConversionError("model.scan_layers=False: export takes the scanned layout; convert with "
                               "model.transformer.stack_unrolled first")
-    if os.path.isfile(out):
+    out_dir = epath.Path(out)  # a local path or gs://...
+    if out_dir.is_file():
         raise ConversionError(f"--out={out!r} is a file; pass a directory (created if missing)")
-    if os.path.isdir(out) and os.listdir(out):
+    if out_dir.is_dir() and any(out_dir.iterdir()):
         raise ConversionError(f"--out={out!r} is not empty; pass a new or empty directory")
-    os.makedirs(out, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     ids = dict(bos_id=getattr(tokenizer, "bos_id", None), eos_id=getattr(tokenizer, "eos_id", None),
                pad_id=getattr(tokenizer, "pad_id", None))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(hf_config_from_model(cfg, max_len=max_len, **ids), f, indent=2)
+    (out_dir / "config.json").write_text(json.dumps(hf_config_from_model(cfg, max_len=max_len, **ids),
+                                                     indent=2))
     write_decoder(cfg, params, out)
     files = ["config.json", "model.safetensors"]
     if spm_model:

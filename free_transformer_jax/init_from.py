@@ -130,6 +130,6 @@ def params_from_checkpoint(workdir: str, cfg: ModelConfig, mesh: Mesh, *, step: 
     out = jax.tree.map(lambda a: a.astype(dtype), out)
     if jax.tree.structure(out) != jax.tree.structure(abstract):
         raise ConfigError(f"init.params_from={workdir}: the checkpoint's parameter tree does not fit "
-                          "model section of the config")
+                          "the model section of the config")
     logging.info("initialised from %s step %d", workdir, step)
     return jax.device_put(out, shardings)
