@@ -146,3 +146,18 @@ def test_tensors_that_disagree_with_config_json_are_refused(tmp_path):
     (empty / "config.json").write_text("{not json")
     with pytest.raises(ConversionError, match="config.json is not valid JSON"):
         from_hf_llama(str(empty))
+
+
+def test_tied_llama3_checkpoint_survives_a_round_trip_through_export(tmp_path):
+    """HF -> ours -> HF: tied embeddings and Llama-3 RoPE scaling are written back so that
+    transformers rebuilds the original model."""
+    from free_transformer_jax import convert
+
+    model, path = make_hf(tmp_path, tie=True, rope=LLAMA3_ROPE, layers=3)
+    cfg, params = from_hf_llama(path, latent=False)
+    out = str(tmp_path / "back")
+    assert convert.export_llama(cfg, params, out, max_len=256) == ["config.json", "model.safetensors"]
+    again = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    assert again.config.tie_word_embeddings and again.config.rope_parameters["rope_type"] == "llama3"
+    tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 100))
+    np.testing.assert_allclose(hf_logits(again, tokens), hf_logits(model, tokens), rtol=1e-5, atol=1e-5)
