@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from free_transformer_jax import checkpoint as ckpt_lib
 from free_transformer_jax import convert
+from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model.config import ConfigError, ModelConfig
 from free_transformer_jax.model.transformer import stack_unrolled, unstack_layers
 from free_transformer_jax.train.state import PARAMS, purpose_key
@@ -111,25 +112,33 @@ def params_from_checkpoint(workdir: str, cfg: ModelConfig, mesh: Mesh, *, step: 
         ck.close()
 
     abstract, shardings = convert.param_targets(cfg, mesh)
-    restored = dict(stack_unrolled(restored) if not src.scan_layers else restored)
-    out = {k: restored[k] for k in ("embedding", "final_norm", "readout") if k in restored}
-    if src.resolved_inject_layer == cfg.resolved_inject_layer:
-        out.update({k: restored[k] for k in ("lower", "inject", "upper") if k in restored})
-    else:
-        out.update(_split_layers(_merge_layers(restored), cfg))
-    if cfg.latent and src.latent:
-        out.update(encoder=restored["encoder"], post_sampler=restored["post_sampler"])
-    elif cfg.latent:
+    keep_latent = cfg.latent and src.latent
+
+    def reshape(restored):
+        """The source tree rearranged into the target's (decoder re-split, dtype cast)."""
+        restored = dict(stack_unrolled(restored) if not src.scan_layers else restored)
+        out = {k: restored[k] for k in ("embedding", "final_norm", "readout") if k in restored}
+        if src.resolved_inject_layer == cfg.resolved_inject_layer:
+            out.update({k: restored[k] for k in ("lower", "inject", "upper") if k in restored})
+        else:
+            out.update(_split_layers(_merge_layers(restored), cfg))
+        if keep_latent:
+            out.update(encoder=restored["encoder"], post_sampler=restored["post_sampler"])
+        if not cfg.scan_layers:
+            out = unstack_layers(out)
+        return jax.tree.map(lambda a: a.astype(cfg.weight_dtype), out)
+
+    names = set(jax.eval_shape(reshape, restored))
+    with shard_lib.mesh_context(mesh):  # one compiled program, written straight into its shardings
+        out = jax.jit(reshape, out_shardings={k: shardings[k] for k in names})(restored)
+    del restored
+    if cfg.latent and not src.latent:
         out.update(convert.fresh_latent_params(cfg, jax.random.key(0) if key is None else key, shardings))
         logging.info("%s is a baseline: encoder and post-sampler freshly initialised", workdir)
-    elif src.latent:
+    elif src.latent and not cfg.latent:
         logging.warning("%s is a Free Transformer; model.latent=False keeps its decoder only", workdir)
-    if not cfg.scan_layers:
-        out = unstack_layers(out)
-    dtype = cfg.weight_dtype
-    out = jax.tree.map(lambda a: a.astype(dtype), out)
     if jax.tree.structure(out) != jax.tree.structure(abstract):
         raise ConfigError(f"init.params_from={workdir}: the checkpoint's parameter tree does not fit "
                           "the model section of the config")
     logging.info("initialised from %s step %d", workdir, step)
-    return jax.device_put(out, shardings)
+    return out

@@ -22,7 +22,7 @@ from free_transformer_jax.checkpoint import CheckpointError, Checkpointer, load_
 from free_transformer_jax.model.config import ConfigError, ModelConfig  # noqa: E402
 from free_transformer_jax.model.transformer import FreeTransformer  # noqa: E402
 from free_transformer_jax.train.optimizer import make_optimizer  # noqa: E402
-from free_transformer_jax.train.state import init_state  # noqa: E402
+from free_transformer_jax.train.state import TrainState  # noqa: E402
 from free_transformer_jax.trainer import train  # noqa: E402
 from helpers import tiny_train_config  # noqa: E402
 
@@ -98,7 +98,7 @@ def ft_run(run):
     mesh = shard_lib.make_mesh(c.mesh)
     params = init_from.initial_params(c, cfg, mesh, seed=0)
     tx = make_optimizer(c.optim, c.train.steps)
-    state, _ = init_state(cfg, tx, mesh, 0, params=params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     workdir = os.path.join(run["tmp"], "ft")
     ck = Checkpointer(workdir, async_save=False)
     ck.save(1, state, config=c.to_dict())
