@@ -1,7 +1,8 @@
 """The base experiment configuration every ``configs/*.py`` file starts from.
 
 Sections: ``model`` (the fields of :class:`ModelConfig`), ``data``, ``optim``, ``train``, ``mesh``,
-``eval``, ``init``. Config files change what differs and document every value the paper does not give.
+``eval``, ``init`` (where a fresh run's parameters come from). Config files change what differs and
+document every value the paper does not give.
 Launch scripts load them with ``config_flags.DEFINE_config_file(..., lock_config=True)``, so
 ``--config.optim.lr=1e-4`` overrides a value and a misspelt field is an error.
 """
