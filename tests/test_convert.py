@@ -150,11 +150,26 @@ def test_tensors_that_disagree_with_config_json_are_refused(tmp_path):
 
 def test_tied_llama3_checkpoint_survives_a_round_trip_through_export(tmp_path):
     """HF -> ours -> HF: tied embeddings and Llama-3 RoPE scaling are written back so that
-    transformers rebuilds the original model."""
+    transformers rebuilds the original model. Also read: a checkpoint split over several files and
+    one stored in bfloat16."""
     from free_transformer_jax import convert
+
+    import copy
+    import glob
 
     model, path = make_hf(tmp_path, tie=True, rope=LLAMA3_ROPE, layers=3)
     cfg, params = from_hf_llama(path, latent=False)
+    # the same weights saved in several files (with an index), and saved in bfloat16
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(glob.glob(str(tmp_path / "sharded" / "*.safetensors"))) > 2
+    _, sharded = from_hf_llama(str(tmp_path / "sharded"), latent=False)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(sharded)):
+        np.testing.assert_array_equal(a, b)
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    _, bf16 = from_hf_llama(str(tmp_path / "bf16"), latent=False)
+    assert bf16["embedding"].dtype == np.float32
+    np.testing.assert_array_equal(bf16["embedding"],
+                                  model.model.embed_tokens.weight.detach().bfloat16().float().numpy())
     out = str(tmp_path / "back")
     assert convert.export_llama(cfg, params, out, max_len=256) == ["config.json", "model.safetensors"]
     again = transformers.LlamaForCausalLM.from_pretrained(out).eval()
