@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model.config import ConfigError, ModelConfig
 from free_transformer_jax.model.transformer import init_params
+from free_transformer_jax.train.state import abstract_params
 
 LATENT_FILE = "latent.safetensors"
 LATENT_JSON = "latent.json"
@@ -49,8 +50,6 @@ HF_NAMES = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "n
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
                 "tie_embeddings")
 LATENT_SHAPE_FIELDS = ("latent_bits", "encoder_abs_pos")
-
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
 class ConversionError(ConfigError):
@@ -299,7 +298,7 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
 
 def param_targets(cfg: ModelConfig, mesh: Mesh) -> tuple[Any, Any]:
     """(abstract unboxed parameter tree, NamedSharding tree) of ``cfg`` on ``mesh``."""
-    boxed = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    boxed = abstract_params(cfg)
     return nn.meta.unbox(boxed), shard_lib.param_shardings(boxed, mesh)
 
 
