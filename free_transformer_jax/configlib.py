@@ -1,7 +1,8 @@
 """The base experiment configuration every ``configs/*.py`` file starts from.
 
 Sections: ``model`` (the fields of :class:`ModelConfig`), ``data``, ``optim``, ``train``, ``mesh``,
-``eval``. Config files change what differs and document every value the paper does not give.
+``eval``, ``init`` (where a fresh run's parameters come from). Config files change what differs and
+document every value the paper does not give.
 Launch scripts load them with ``config_flags.DEFINE_config_file(..., lock_config=True)``, so
 ``--config.optim.lr=1e-4`` overrides a value and a misspelt field is an error.
 """
@@ -77,5 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
         split="validation",
         batches=8,
         prior_samples=4,  # Z draws for the prior-Z cross-entropy
+    ))
+
+    # Where a fresh run's parameters come from (init_from.py); ignored when the workdir already has
+    # a checkpoint (resume wins). At most one may be set; both empty = random init.
+    c.init = ml_collections.ConfigDict(dict(
+        hf_llama_path="",  # a local Hugging Face Llama directory (config.json + *.safetensors)
+        params_from="",  # WORKDIR[:STEP] of one of our runs: its parameters, not its optimizer state
     ))
     return c

@@ -20,6 +20,7 @@ from absl import logging
 
 from free_transformer_jax import checkpoint as ckpt_lib
 from free_transformer_jax import flops as flops_lib
+from free_transformer_jax import init_from
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.progress import Progress, format_duration
 from free_transformer_jax.train.program import Program, build_program
@@ -140,7 +141,9 @@ def _restore_or_init(program: Program, ckpt: ckpt_lib.Checkpointer, data_iter: A
         state = ckpt.restore_state(program.abstract_state, data_iter=data_iter)
         _print(f"resumed from {ckpt.directory} at step {int(state.step)}")
         return state
-    return program.init_state()
+    params = init_from.initial_params(program.config, program.model, program.mesh,
+                                      int(program.config.train.seed))  # None: random init
+    return program.init_state(params=params)
 
 
 def _describe(program: Program) -> str:
