@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from common import run  # launch/common.py: one-line errors shared by the launchers
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and config.json "
@@ -56,4 +58,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    run(main)
