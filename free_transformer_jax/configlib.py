@@ -128,4 +128,5 @@ def check_resume(workdir: str, current: Mapping[str, Any]) -> None:
     if changes:
         raise ConfigError(f"resuming {workdir} with a config that differs from its config.json in "
                           f"{'; '.join(changes)}; restore the recorded value(s) or use a new "
-                          f"--workdir (fields that may change on resume: {', '.join(RESUME_MUTABLE)})")
+                          "--workdir (configlib.RESUME_MUTABLE lists what may change on resume, "
+                          "e.g. train.steps)")

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model import latent as latent_lib
-from free_transformer_jax.model.config import ModelConfig
+from free_transformer_jax.model.config import ConfigError, ModelConfig
 from free_transformer_jax.model.transformer import FreeTransformer
 from free_transformer_jax.train.loss import cross_entropy, token_masks
 
@@ -96,8 +96,27 @@ def evaluate(cfg: ModelConfig, params: Any, batches: Iterable[dict[str, np.ndarr
             for k, v in jax.device_get(sums).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
     if not totals:
-        raise ValueError("evaluation saw no batches; check the eval split and eval.batches")
+        raise ConfigError("evaluation saw no batches: the eval split is empty or eval.batches is 0; "
+                          "check data.eval_split (or --split) and eval.batches")
     return finalize(totals, cfg)
+
+
+def write_results(results: dict[str, Any], output: str, logdir: str | None = None) -> str:
+    """Writes ``results`` as JSON to ``output`` and its float metrics (and choice accuracies) as
+    TensorBoard scalars under ``eval/`` in ``logdir``, local or remote alike (``fs.py``)."""
+    from free_transformer_jax import fs
+
+    fs.write_json(output, results, "--output")
+    if logdir:
+        scalars = {k: v for k, v in results.items() if isinstance(v, float)}
+        if "choice_task" in results:
+            scalars["choice_accuracy"] = results["choice_task"]["accuracy"]
+            scalars["choice_accuracy_norm"] = results["choice_task"]["accuracy_norm"]
+        writer = fs.summary_writer(logdir)
+        for k, v in scalars.items():
+            writer.add_scalar("eval/" + k, v, int(results["step"]))
+        writer.close()
+    return output
 
 
 # Continuation scoring ------------------------------------------------------------------------------

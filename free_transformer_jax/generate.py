@@ -51,6 +51,29 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k}: must be >= 0")
 
 
+class PromptError(ValueError):
+    """A prompt the checkpoint's tokenizer cannot encode; the message names the prompt."""
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], bos: bool = True) -> list[list[int]]:
+    """Token ids of each prompt (BOS first when ``bos`` and the tokenizer has one); a prompt with
+    characters outside the tokenizer's alphabet, or an empty one with no BOS, is a
+    :class:`PromptError` naming it."""
+    prefix = [tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []
+    out = []
+    for i, p in enumerate(prompts):
+        try:
+            ids = prefix + tokenizer.encode(p)
+        except (KeyError, ValueError) as e:
+            raise PromptError(f"prompt {i} {p!r}: {e}; use only what the checkpoint's tokenizer "
+                              f"encodes ({tokenizer!r})") from None
+        if not ids:
+            raise PromptError(f"prompt {i} is empty and the tokenizer has no BOS token; give at "
+                              "least one character")
+        out.append(ids)
+    return out
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(tokens (B, P), segment_ids (B, P)) with prompts aligned on the right."""
     if not prompts or any(len(p) == 0 for p in prompts):

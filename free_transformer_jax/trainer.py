@@ -4,7 +4,6 @@ checkpoints with the data-iterator state, TensorBoard events and a console progr
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -15,7 +14,9 @@ import ml_collections
 import numpy as np
 
 from free_transformer_jax import checkpoint as ckpt_lib
+from free_transformer_jax import configlib
 from free_transformer_jax import flops as flops_lib
+from free_transformer_jax import fs
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model.config import ConfigError, ModelConfig
 from free_transformer_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -50,9 +51,7 @@ class MetricWriter:
     def __init__(self, logdir: str):
         self.writer = None
         if _is_main():
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(logdir)
+            self.writer = fs.summary_writer(logdir)  # local or remote (gs://) logdir
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train/"):
         if self.writer is not None:
@@ -90,13 +89,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     tx = make_optimizer(config.optim, t.steps)
     abstract, shardings = state_shardings(cfg, tx, mesh)
 
-    if _is_main() and "://" not in workdir:
-        os.makedirs(workdir, exist_ok=True)
+    if _is_main():
+        fs.makedirs(workdir, "--workdir")
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_ckpts, async_save=t.async_ckpt)
     data_iter = data_lib.make_iterator(config, config.data.train_split,
                                        batch_size=t.batch_size // jax.process_count(), seed=t.seed)
     latest = ckpt.latest_step()
     if latest is not None:
+        configlib.check_resume(workdir, config.to_dict())  # before any restore or compilation
         state = ckpt.restore_state(abstract, data_iter=data_iter)
         _print(f"resumed from {ckpt.directory} at step {int(state.step)}")
     else:
@@ -108,9 +108,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         return {}
 
     config_dict = config.to_dict()
-    if _is_main() and "://" not in workdir:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2)
+    if _is_main():
+        fs.write_json(fs.join(workdir, "config.json"), config_dict, "config.json")
     writer = MetricWriter(workdir)
     tokens_per_step = t.batch_size * config.data.seq_len
     flops_per_token = flops_lib.train_flops_per_token(cfg, config.data.seq_len)["total"]

@@ -27,6 +27,7 @@ USER_ERRORS = (
     ("free_transformer_jax.trainer", "TrainingError"),
     ("free_transformer_jax.fs", "FsError"),
     ("free_transformer_jax.evaluate", "ChoiceTaskError"),
+    ("free_transformer_jax.generate", "PromptError"),
     ("free_transformer_jax.data.local_tfds", "CorpusError"),
 )
 
@@ -48,8 +49,8 @@ def is_user_error(e: BaseException) -> bool:
     return False
 
 
-def _config_file_flags() -> list[str]:
-    return [name for name, flag in flags.FLAGS._flags().items()  # pylint: disable=protected-access
+def _config_file_flags(flag_values: flags.FlagValues) -> list[str]:
+    return [name for name, flag in flag_values._flags().items()  # pylint: disable=protected-access
             if config_flag_is_file(flag)]
 
 
@@ -88,9 +89,10 @@ def _describe_config_error(argv: Sequence[str], names: list[str], e: Exception) 
     return f"loading the config failed: {type(e).__name__}: {one_line(text)}"
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> list[str]:
     """absl flag parsing with one-line errors (the ``flags_parser`` of :func:`run`)."""
-    names = _config_file_flags()
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    names = _config_file_flags(flag_values)
     for name in names:
         for value in _flag_values(argv, name):
             file = value.split(":", 1)[0]
@@ -98,7 +100,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
                 fail(f"--{name}={value}: no such config file {file!r}; pass a file such as "
                      "configs/demo.py")
     try:
-        return flags.FLAGS(list(argv))
+        return flag_values(list(argv))
     except flags.Error as e:
         fail(f"{e} (pass --helpfull to list the flags)")
     except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError, ImportError) as e:

@@ -61,12 +61,14 @@ class SentencePieceTokenizer:
 
     def __init__(self, path: str = "", *, model_proto: bytes | None = None):
         if model_proto is None:
+            from free_transformer_jax import fs  # local or remote (gs://) paths
+
             try:
-                with open(path, "rb") as f:
-                    model_proto = f.read()
+                model_proto = fs.read_bytes(path, "data.tokenizer_path")
             except OSError as e:
+                reason = e.strerror or str(e).rsplit(": ", 1)[-1]
                 raise ConfigError(f"data.tokenizer_path={path!r}: cannot read the SentencePiece model "
-                                  f"({e.strerror}); train one with launch/prepare_data.py "
+                                  f"({reason}); train one with launch/prepare_data.py "
                                   "--spm_vocab_size=N or point the field at a .model file") from None
         self._path = path
         self._load(model_proto)
