@@ -4,6 +4,7 @@ shardings give the same metrics, choice scores and tokens as on one device."""
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,9 +15,8 @@ from free_transformer_jax.checkpoint import (Checkpointer, inference_mesh_shape,
                                              params_mesh)
 from free_transformer_jax.generate import SamplingConfig, generate
 from free_transformer_jax.model.config import ModelConfig
-from free_transformer_jax.train.optimizer import make_optimizer
-from free_transformer_jax.train.state import init_state
-from helpers import tiny_train_config
+from free_transformer_jax.train.state import TrainState
+from helpers import _init, tiny_train_config
 
 TASK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tasks",
                     "synthetic_choice.jsonl")
@@ -28,10 +28,10 @@ def workdir(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("sharded") / "run")
     c = tiny_train_config(init_std=0.3)
     c.model.n_kv_heads = 2  # so the KV projections shard over tensor=2 too
-    cfg = ModelConfig.from_dict(c.model)
-    tx = make_optimizer(c.optim, c.train.steps)
-    mesh = shard_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    state, _ = init_state(cfg, tx, mesh, seed=0)
+    params = _init(ModelConfig.from_dict(c.model), jax.random.key(0))
+    # evaluation restores parameters only: a stand-in optimizer state is enough
+    state = TrainState(step=jnp.asarray(1, jnp.int32), params=params,
+                       opt_state={"count": jnp.zeros((), jnp.int32)})
     ck = Checkpointer(wd, async_save=False)
     ck.save(1, state, config=c.to_dict())
     ck.close()
