@@ -114,21 +114,30 @@ MESH_FLAG_AXES = ("data", "fsdp", "tensor")
 
 def inference_mesh_shape(mesh_cfg: Any, n_devices: int,
                          overrides: dict[str, int | None] | None = None) -> dict[str, int]:
-    """The mesh evaluation and sampling use: the config's ``mesh`` section with ``overrides``
-    (``None`` values ignored) applied; unless ``data`` is overridden, the data-parallel axis is
-    folded into ``fsdp`` (the same batch split, with the parameters sharded instead of
-    replicated: an 8B model does not fit replicated on one chip). ``dcn_data`` slices stay on the
-    data axis."""
+    """The mesh evaluation and sampling use, as {data, fsdp, tensor, dcn_data} sizes.
+
+    Without ``overrides`` (``None`` values count as absent): the config's ``mesh`` section with
+    its data-parallel axis folded into ``fsdp`` (the same batch split, parameters sharded instead
+    of replicated: an 8B model does not fit replicated on one chip). With them: the given axes,
+    the others ``data=1, fsdp=-1, tensor=1`` (so ``{"tensor": 4}`` is FSDP x 4-way tensor over all
+    devices). Multi-slice ``dcn_data`` slices stay on the data axis unless ``data`` is given."""
     from free_transformer_jax import sharding as shard_lib
 
     given = {k: int(v) for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(given) - set(MESH_FLAG_AXES))
     if unknown:
         raise shard_lib.MeshError(f"mesh overrides {unknown}: expected axes among {MESH_FLAG_AXES}")
-    m = {a: int(mesh_cfg.get(a, 1)) for a in MESH_FLAG_AXES}
-    m.update(given)
     dcn = int(mesh_cfg.get("dcn_data", 1))
-    data, fsdp, tensor = shard_lib.resolve_mesh_shape(m, n_devices)
+    if given:
+        m = {"data": dcn, "fsdp": -1, "tensor": 1, **given}
+    else:
+        m = {a: int(mesh_cfg.get(a, 1)) for a in MESH_FLAG_AXES}
+    try:
+        data, fsdp, tensor = shard_lib.resolve_mesh_shape(m, n_devices)
+    except shard_lib.MeshError as e:
+        raise shard_lib.MeshError(f"{e} (for evaluation/sampling: pass --mesh_data/--mesh_fsdp/"
+                                  f"--mesh_tensor that fit {n_devices} devices, -1 for one of them)"
+                                  ) from None
     if data % dcn:
         dcn = 1
     if "data" not in given:

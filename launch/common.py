@@ -108,13 +108,21 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None
     raise AssertionError("unreachable")
 
 
+def _verbose() -> bool:
+    """``-v 1`` (or more) was passed: keep tracebacks for debugging."""
+    try:
+        return flags.FLAGS["verbosity"].value >= 1
+    except (KeyError, flags.Error):
+        return logging.get_verbosity() >= logging.DEBUG
+
+
 def guard(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """``main`` with the project's user-facing errors printed as one line (exit status 1)."""
     def wrapped(argv):
         try:
             return main(argv)
         except Exception as e:  # noqa: BLE001  (re-raised unless it is a user-facing error)
-            if not is_user_error(e) or logging.get_verbosity() >= logging.DEBUG:
+            if not is_user_error(e) or _verbose():
                 raise
             fail(str(e))
     return wrapped

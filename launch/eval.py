@@ -37,8 +37,9 @@ _SKIP_DATA = flags.DEFINE_bool("skip_data", False, "Only score --choice_task.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the Z draws.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON output (default: <workdir>/eval_step<N>.json).")
 _MESH = {axis: flags.DEFINE_integer(f"mesh_{axis}", None, f"Size of the {axis} mesh axis (-1: the "
-                                    "remaining devices); default: from the checkpoint's config, "
-                                    "data folded into fsdp.")
+                                    "remaining devices). Given axes replace the checkpoint config's "
+                                    "mesh (others: data=1, fsdp=-1, tensor=1); default: that mesh "
+                                    "with data folded into fsdp.")
          for axis in ("data", "fsdp", "tensor")}
 
 

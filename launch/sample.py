@@ -39,8 +39,9 @@ _BOS = flags.DEFINE_bool("bos", True, "Prepend BOS when the tokenizer has one.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write JSONL here (local or gs://) instead of text to "
                               "stdout.")
 _MESH = {axis: flags.DEFINE_integer(f"mesh_{axis}", None, f"Size of the {axis} mesh axis (-1: the "
-                                    "remaining devices); default: from the checkpoint's config, "
-                                    "data folded into fsdp.")
+                                    "remaining devices). Given axes replace the checkpoint config's "
+                                    "mesh (others: data=1, fsdp=-1, tensor=1); default: that mesh "
+                                    "with data folded into fsdp.")
          for axis in ("data", "fsdp", "tensor")}
 
 
