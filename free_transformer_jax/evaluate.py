@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from free_transformer_jax import fs
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model import latent as latent_lib
 from free_transformer_jax.model.config import ConfigError, ModelConfig
@@ -104,8 +105,6 @@ def evaluate(cfg: ModelConfig, params: Any, batches: Iterable[dict[str, np.ndarr
 def write_results(results: dict[str, Any], output: str, logdir: str | None = None) -> str:
     """Writes ``results`` as JSON to ``output`` and its float metrics (and choice accuracies) as
     TensorBoard scalars under ``eval/`` in ``logdir``, local or remote alike (``fs.py``)."""
-    from free_transformer_jax import fs
-
     fs.write_json(output, results, "--output")
     if logdir:
         scalars = {k: v for k, v in results.items() if isinstance(v, float)}
@@ -156,9 +155,7 @@ def _check_choice_example(ex: Any, where: str) -> dict[str, Any]:
 def read_choice_task(path: str) -> list[dict[str, Any]]:
     """JSONL with {"context": str, "choices": [str, ...], "label": int} per line (local or remote
     path), every line checked; a file with no examples is an error (never a NaN accuracy)."""
-    from free_transformer_jax import fs
-
-    text = fs.read_text(path, "choice task")
+    text = fs.read_text(path, "--choice_task")
     examples = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -68,7 +68,7 @@ def test_empty_missing_and_unencodable_choice_tasks(tmp_path):
     empty.write_text("\n  \n")
     with pytest.raises(eval_lib.ChoiceTaskError, match="no examples"):  # never a NaN accuracy
         eval_lib.read_choice_task(str(empty))
-    with pytest.raises(fs.FsError, match="choice task=.*nope.jsonl: no such file"):
+    with pytest.raises(fs.FsError, match="--choice_task=.*nope.jsonl: no such file"):
         eval_lib.read_choice_task(str(tmp_path / "nope.jsonl"))
     with pytest.raises(fs.FsError, match="is a directory"):
         eval_lib.read_choice_task(str(tmp_path))

@@ -14,6 +14,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
+from free_transformer_jax import fs
 from free_transformer_jax.data import synthetic
 from free_transformer_jax.model.config import ConfigError
 
@@ -61,8 +62,6 @@ class SentencePieceTokenizer:
 
     def __init__(self, path: str = "", *, model_proto: bytes | None = None):
         if model_proto is None:
-            from free_transformer_jax import fs  # local or remote (gs://) paths
-
             try:
                 model_proto = fs.read_bytes(path, "data.tokenizer_path")
             except OSError as e:
