@@ -102,7 +102,11 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None
     try:
         return flag_values(list(argv))
     except flags.Error as e:
-        fail(f"{e} (pass --helpfull to list the flags)")
+        text = str(e)
+        if "Traceback (most recent call last)" in text:  # the config file's own code raised
+            lines = [x.strip() for x in text.splitlines() if x.strip()]
+            fail(f"{text.split('Traceback')[0].strip()} {lines[-1]}")
+        fail(f"{text} (pass --helpfull to list the flags)")
     except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError, ImportError) as e:
         fail(_describe_config_error(argv, names, e))
     raise AssertionError("unreachable")

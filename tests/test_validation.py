@@ -198,7 +198,7 @@ def _parse(*args):
     return fv
 
 
-def test_config_flag_errors_are_one_line():
+def test_config_flag_errors_are_one_line(tmp_path):
     demo = "--config=" + os.path.join(ROOT, "configs", "demo.py")
     msg = one_line_exit(_parse, demo, "--config.model.kapa_bits=1")
     assert "--config.model.kapa_bits: the config has no field 'kapa_bits'; did you mean " \
@@ -211,6 +211,10 @@ def test_config_flag_errors_are_one_line():
     assert "--config.optim.lr=abc" in msg
     msg = one_line_exit(_parse, demo, "--num_samples=0")
     assert "--num_samples=0: 0 is not a positive integer" in msg
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config():\n    raise ValueError('boom')\n")
+    msg = one_line_exit(_parse, f"--config={raising}")
+    assert msg.endswith("Error whilst parsing config file: ValueError: boom"), msg
     assert _parse(demo, "--config.optim.lr=0.5").config.optim.lr == 0.5
 
 
