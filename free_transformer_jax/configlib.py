@@ -9,9 +9,22 @@ Launch scripts load them with ``config_flags.DEFINE_config_file(..., lock_config
 
 from __future__ import annotations
 
+import json
+from typing import Any, Mapping
+
 import ml_collections
 
-from free_transformer_jax.model.config import ModelConfig
+from free_transformer_jax import fs
+from free_transformer_jax.model.config import ConfigError, ModelConfig
+
+# Fields a resumed run may change: how long to train (the cosine schedule then spans the new
+# length), how often to log/save/evaluate, the layout (checkpoints restore onto any mesh and
+# grad_accum splits the same global batch), where prepared data now lives, and data-loading
+# throughput. Every other field is fixed once a run has a checkpoint.
+RESUME_MUTABLE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
+                  "train.async_ckpt", "train.eval_every", "train.profile_steps", "train.grad_accum",
+                  "mesh.*", "eval.*", "data.tfds_data_dir", "data.tokenizer_path",
+                  "data.num_workers", "data.prefetch", "data.read_threads", "data.read_buffer")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -87,3 +100,41 @@ def base_config() -> ml_collections.ConfigDict:
         params_from="",  # WORKDIR[:STEP] of one of our runs: its parameters, not its optimizer state
     ))
     return c
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _mutable(field: str) -> bool:
+    return any(field == m or (m.endswith(".*") and field.startswith(m[:-1])) for m in RESUME_MUTABLE)
+
+
+def resume_changes(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"field: old -> new"`` for every field that differs between the run's recorded config and
+    this one and may not change on resume (fields only one side has are ignored: code changes add
+    and remove fields)."""
+    old = _flatten(previous)
+    new = _flatten(json.loads(json.dumps(dict(current))))  # the same JSON types config.json holds
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
+            if old[k] != new[k] and not _mutable(k)]
+
+
+def check_resume(workdir: str, current: Mapping[str, Any]) -> None:
+    """Refuses (one-line ConfigError) to resume ``workdir`` with a config that differs from its
+    ``config.json`` in a field outside :data:`RESUME_MUTABLE`; a run without one is not checked."""
+    recorded = fs.join(workdir, "config.json")
+    if not fs.exists(recorded):
+        return
+    changes = resume_changes(fs.read_json(recorded, "config.json"), current)
+    if changes:
+        raise ConfigError(f"resuming {workdir} with a config that differs from its config.json in "
+                          f"{'; '.join(changes)}; restore the recorded value(s) or use a new "
+                          "--workdir (configlib.RESUME_MUTABLE lists what may change on resume, "
+                          "e.g. train.steps)")

@@ -7,7 +7,6 @@ and the console progress line (``progress.Progress``).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -19,7 +18,9 @@ import numpy as np
 from absl import logging
 
 from free_transformer_jax import checkpoint as ckpt_lib
+from free_transformer_jax import configlib
 from free_transformer_jax import flops as flops_lib
+from free_transformer_jax import fs
 from free_transformer_jax import init_from
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.progress import Progress, format_duration
@@ -65,9 +66,7 @@ class MetricWriter:
     def __init__(self, logdir: str):
         self.writer = None
         if _is_main():
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(logdir)
+            self.writer = fs.summary_writer(logdir)  # local or remote (gs://) logdir
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train/"):
         if self.writer is not None:
@@ -124,20 +123,24 @@ class ProfileWindow:
 
 
 def _make_workdir(workdir: str):
-    if _is_main() and "://" not in workdir:
-        os.makedirs(workdir, exist_ok=True)
+    if _is_main():
+        fs.makedirs(workdir, "--workdir")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str):
-    """config.json in the workdir, so eval/sample rebuild the model from the workdir alone."""
-    if _is_main() and "://" not in workdir:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+    """config.json in the workdir (local or remote), so eval/sample rebuild the model from the
+    workdir alone."""
+    if _is_main():
+        fs.write_json(fs.join(workdir, "config.json"), config.to_dict(), "config.json")
 
 
-def _restore_or_init(program: Program, ckpt: ckpt_lib.Checkpointer, data_iter: Any) -> TrainState:
-    """The latest checkpoint (model, optimizer and data iterator) or a fresh sharded init."""
+def _restore_or_init(program: Program, ckpt: ckpt_lib.Checkpointer, data_iter: Any,
+                     workdir: str) -> TrainState:
+    """The latest checkpoint (model, optimizer and data iterator) or a fresh sharded init. Resuming
+    with a config that changes a fixed field (``configlib.check_resume``) is refused before any
+    restore or compilation."""
     if ckpt.latest_step() is not None:
+        configlib.check_resume(workdir, program.config.to_dict())
         state = ckpt.restore_state(program.abstract_state, data_iter=data_iter)
         _print(f"resumed from {ckpt.directory} at step {int(state.step)}")
         return state
@@ -267,7 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     data_iter = writer = None
     try:
         data_iter = _train_batches(config)
-        state = _restore_or_init(program, ckpt, data_iter)
+        state = _restore_or_init(program, ckpt, data_iter, workdir)
         start = int(state.step)
         if start >= t.steps:
             _print(f"already at step {start} >= train.steps={t.steps}; nothing to do")

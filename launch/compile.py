@@ -20,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from free_transformer_jax.logs import setup_console_logging
+from common import run  # launch/common.py: one-line errors shared by the launchers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128, v5e-256, v4-64, or a "
@@ -88,4 +89,4 @@ def main(argv):
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
     jax.config.config_with_absl()  # --jax_* flags
-    app.run(main)
+    run(main)

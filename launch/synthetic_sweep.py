@@ -29,6 +29,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from common import run  # launch/common.py: one-line errors shared by the launchers
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Base config.",
                                           lock_config=True)
 _OUTDIR = flags.DEFINE_string("outdir", "outputs/synthetic_sweep", "Runs, tables and the figure.")
@@ -568,4 +570,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from free_transformer_jax.logs import setup_console_logging
+from common import run  # launch/common.py: one-line errors shared by the launchers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
@@ -58,4 +59,4 @@ def main(argv):
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
     jax.config.config_with_absl()  # --jax_* flags, e.g. --jax_log_compiles
-    app.run(main)
+    run(main)
