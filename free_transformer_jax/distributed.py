@@ -130,11 +130,11 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
                 f"multi-process settings are partial: {' and '.join(missing)} not given (flags or "
                 f"{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}); give coordinator address, process count and "
                 "process id together")
-        if n < 1 or not 0 <= pid < n:
-            raise DistributedError(f"--process_id={pid} must be in [0, --num_processes={n})")
         if scheduler and n != sched_n:
             raise DistributedError(f"--num_processes={n} contradicts {scheduler}'s {sched_n} processes; "
                                    "drop the flag or fix the launch")
+        if n < 1 or not 0 <= pid < n:
+            raise DistributedError(f"--process_id={pid} must be in [0, --num_processes={n})")
         if coord is None and not (scheduler and sched_coord):
             if n == 1:
                 return None

@@ -15,6 +15,8 @@ import sys
 
 from absl import app, flags, logging
 
+from free_transformer_jax import distributed
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _SPLIT = flags.DEFINE_string("split", None, "Data split (default: the config's eval.split).")
@@ -30,11 +32,16 @@ _Z_SAMPLES = flags.DEFINE_integer("z_samples", 4, "Z draws per choice for contin
 _SKIP_DATA = flags.DEFINE_bool("skip_data", False, "Only score --choice_task.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the Z draws.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON output (default: <workdir>/eval_step<N>.json).")
+distributed.define_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        distributed.initialize_from_flags()
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
     logging.set_verbosity(logging.WARNING)
     import jax
 

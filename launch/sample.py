@@ -14,6 +14,8 @@ import sys
 
 from absl import app, flags, logging
 
+from free_transformer_jax import distributed
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
@@ -30,6 +32,7 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus filtering (1 = off).")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop strings, each a single token (default: EOS).")
 _BOS = flags.DEFINE_bool("bos", True, "Prepend BOS when the tokenizer has one.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write JSONL here instead of text to stdout.")
+distributed.define_flags()
 
 
 def read_prompts() -> list[str]:
@@ -49,6 +52,10 @@ def read_prompts() -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        distributed.initialize_from_flags()
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
     logging.set_verbosity(logging.WARNING)
     import jax
 
