@@ -24,29 +24,40 @@ distributed.define_flags()
 STEPS_FIRST, STEPS_TOTAL, RECORDED = 3, 6, 3
 
 
+def run_config(steps: int):
+    """The tests' tiny config; a constant learning rate after warm-up, so that the run to step 3
+    and the resumed run to step 6 compile the same step (one compilation, from the cache)."""
+    from helpers import tiny_train_config
+
+    config = tiny_train_config(steps=steps)
+    config.optim.schedule = "constant"
+    return config
+
+
 def main(argv):
     del argv
     launch = distributed.initialize_from_flags()
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    # the resumed train() builds its step again: compile it once (the test's time budget)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value + "_xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     from free_transformer_jax import data as data_lib
     from free_transformer_jax import evaluate as eval_lib
     from free_transformer_jax import sharding as shard_lib
     from free_transformer_jax.checkpoint import load_model
     from free_transformer_jax.trainer import train
-    from helpers import tiny_train_config
-
     out = {"launch": launch.source if launch else None, "process_index": jax.process_index(),
            "process_count": jax.process_count(), "local_devices": jax.local_device_count(),
            "devices": jax.device_count()}
-    config = tiny_train_config(steps=STEPS_FIRST)
+    config = run_config(STEPS_FIRST)
     per_process = config.train.batch_size // jax.process_count()
     it = data_lib.make_iterator(config, "train", batch_size=per_process, seed=config.train.seed)
     out["rows"] = [next(it)["inputs"].tolist() for _ in range(RECORDED)]  # what train() reads first
 
     out["first"] = train(config, _WORKDIR.value)
-    out["resumed"] = train(tiny_train_config(steps=STEPS_TOTAL), _WORKDIR.value)
+    out["resumed"] = train(run_config(STEPS_TOTAL), _WORKDIR.value)
 
     mesh = shard_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     ev_config, cfg, params, step = load_model(_WORKDIR.value, mesh=mesh)
