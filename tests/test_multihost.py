@@ -222,8 +222,13 @@ def test_two_processes_train_resume_and_evaluate_like_one(tmp_path):
         assert (p["launch"], p["process_index"], p["process_count"]) == ("flags/environment", i, 2)
         assert (p["local_devices"], p["devices"]) == (4, 8)
 
+    from free_transformer_jax import evaluate as eval_lib
+    from free_transformer_jax import sharding as shard_lib
+    from free_transformer_jax.checkpoint import load_model
+
     # each process read its own contiguous rows of the global batch one process reads
     config = tiny_train_config()
+    config.optim.schedule = "constant"  # as the worker's run (its optimizer state to restore)
     one = process_iterators(config, "train", 8, 1, seed=config.train.seed)[0]
     for step in range(len(p0["rows"])):
         expected = next(one)["inputs"]
@@ -248,12 +253,24 @@ def test_two_processes_train_resume_and_evaluate_like_one(tmp_path):
     assert p0["resumed"]["loss"] < p0["first"]["loss"]
     assert p0["eval_step"] == p1["eval_step"] == 6
 
-    # evaluation on 2 x 4 devices = evaluation on 1 x 8 devices, same checkpoint and batches
-    from free_transformer_jax import evaluate as eval_lib
-    from free_transformer_jax import sharding as shard_lib
-    from free_transformer_jax.checkpoint import load_model
+    # resuming the 2-process checkpoint in one process: the data continues at global batch 7
+    from free_transformer_jax.checkpoint import Checkpointer
+    from free_transformer_jax.train.optimizer import make_optimizer
+    from free_transformer_jax.train.state import state_shardings
+    from free_transformer_jax.trainer import validate_config
 
     mesh = shard_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    abstract, _ = state_shardings(validate_config(config), make_optimizer(config.optim, 6), mesh)
+    resumed_it = process_iterators(config, "train", 8, 1, seed=config.train.seed)[0]
+    ckpt = Checkpointer(workdir, async_save=False, create=False)
+    state = ckpt.restore_state(abstract, data_iter=resumed_it)
+    ckpt.close()
+    assert int(state.step) == 6
+    for _ in range(3):  # `one` has given 3 batches: skip to 6
+        next(one)
+    np.testing.assert_array_equal(next(resumed_it)["inputs"], next(one)["inputs"])
+
+    # evaluation on 2 x 4 devices = evaluation on 1 x 8 devices, same checkpoint and batches
     ev_config, cfg, params, _ = load_model(workdir, mesh=mesh)
 
     def evaluate(max_batches):

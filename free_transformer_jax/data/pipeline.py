@@ -14,9 +14,12 @@ Padding positions hold the tokenizer's ``pad_id`` in inputs and targets.
 from __future__ import annotations
 
 import functools
+from typing import Any
+
 import grain
 import jax
 import numpy as np
+from absl import logging
 
 from free_transformer_jax.data import sources, synthetic, tokenizers
 from free_transformer_jax.model.config import ConfigError
@@ -222,6 +225,33 @@ def merge_process_states(states: list[dict]) -> dict:
         merged["exhausted"] += s.get("exhausted", [])
     merged["exhausted"] = sorted(set(merged["exhausted"]))
     return merged
+
+
+def state_from_other_process_count(data_dir: Any, process_index: int | None = None,
+                                   process_count: int | None = None) -> dict | None:
+    """For resuming on another number of processes: the merged data-iterator state of a
+    checkpoint's ``data`` directory (grain's ``process_<i>-of-<n>.json`` files) when it was
+    written by a different process count, else None (this process's own file is there: grain's
+    handler restores it as usual). ``data_dir``: a path or an ``epath.Path`` (gs:// works)."""
+    import json
+
+    from etils import epath
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    data_dir = epath.Path(data_dir)
+    if not data_dir.exists() or (data_dir / f"process_{process_index}-of-{process_count}.json").exists():
+        return None
+    files = sorted(data_dir.glob("process_*-of-*.json"))
+    if not files:
+        return None
+    written_by = {f.name.rsplit("-of-", 1)[1][:-len(".json")] for f in files}
+    if len(written_by) != 1 or len(files) != int(next(iter(written_by))):
+        raise ConfigError(f"{data_dir}: incomplete data-iterator states ({[f.name for f in files]}); "
+                          "the checkpoint is damaged")
+    logging.info("data: merging the iterator states of %d processes (checkpoint written by another "
+                 "process count) from %s", len(files), data_dir)
+    return merge_process_states([json.loads(f.read_text()) for f in files])
 
 
 class _UntilEveryProcessIsDone(grain.DatasetIterator):
