@@ -182,8 +182,9 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
                                    num_processes=launch.num_processes, process_id=launch.process_id)
     except (ValueError, RuntimeError, TypeError) as e:  # JAX's messages can be long: keep line one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "; on a single-host TPU VM pass --distributed=off" if launch.source == "Cloud TPU" else ""
         raise DistributedError(f"jax.distributed.initialize failed ({launch.describe()}): "
-                               f"{first[:300]}") from None
+                               f"{first[:300]}{hint}") from None
     logging.info("distributed: connected as process %d of %d (%d local devices, %d in all)",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
