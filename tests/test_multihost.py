@@ -74,6 +74,22 @@ def test_detect_schedulers():
     assert detect({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None  # a one-task job
 
 
+def test_launchers_refuse_partial_settings_in_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "FTJ_COORDINATOR_ADDRESS": "localhost:1"}
+    runs = {script: subprocess.Popen([sys.executable, os.path.join(REPO, "launch", script),
+                                      f"--workdir={tmp_path}", "--num_processes=2", *args],
+                                     cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+            for script, args in (("train.py", ["--config=configs/demo.py"]), ("eval.py", []),
+                                 ("sample.py", ["--prompt=K>"]))}
+    for script, p in runs.items():
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode == 1, (script, stderr[-2000:])
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("error: multi-process settings are partial: --process_id not given"), last
+        assert "Traceback" not in stderr
+
+
 # Data order: independent of the process count ------------------------------------------------------
 
 def synthetic_config(**data):
