@@ -8,6 +8,7 @@ Writes what it saw to --out (JSON) for the test to check.
 
 import json
 import os
+import time
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4").strip()
@@ -48,6 +49,13 @@ def main(argv):
     from free_transformer_jax import sharding as shard_lib
     from free_transformer_jax.checkpoint import load_model
     from free_transformer_jax.trainer import train
+
+    t0, times = time.process_time(), {}
+
+    def lap(name):  # CPU seconds of this process per phase (BUILD_NOTES "Multi-host")
+        nonlocal t0
+        times[name], t0 = round(time.process_time() - t0, 1), time.process_time()
+
     out = {"launch": launch.source if launch else None, "process_index": jax.process_index(),
            "process_count": jax.process_count(), "local_devices": jax.local_device_count(),
            "devices": jax.device_count()}
@@ -56,8 +64,11 @@ def main(argv):
     it = data_lib.make_iterator(config, "train", batch_size=per_process, seed=config.train.seed)
     out["rows"] = [next(it)["inputs"].tolist() for _ in range(RECORDED)]  # what train() reads first
 
+    lap("start-up and data")
     out["first"] = train(config, _WORKDIR.value)
+    lap("train to 3")
     out["resumed"] = train(run_config(STEPS_TOTAL), _WORKDIR.value)
+    lap("resume to 6")
 
     mesh = shard_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     ev_config, cfg, params, step = load_model(_WORKDIR.value, mesh=mesh)
@@ -72,7 +83,9 @@ def main(argv):
         batches = data_lib.make_iterator(ev_config, "eval", batch_size=per_process, seed=0)
         out["eval_full"] = eval_lib.evaluate(cfg, params, batches, jax.random.key(0), prior_samples=2,
                                              put=lambda b: shard_lib.global_batch_from_host(b, mesh))
+    lap("evaluate")
     out["eval_step"] = step
+    out["cpu_seconds"] = times
     with open(_OUT.value, "w") as f:
         json.dump(out, f)
 
