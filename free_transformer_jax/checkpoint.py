@@ -78,9 +78,18 @@ class Checkpointer:
         items = {"params": ocp.args.StandardRestore(abstract_state.params),
                  "opt": ocp.args.StandardRestore({"step": abstract_state.step,
                                                   "opt_state": abstract_state.opt_state})}
+        moved = None  # the data state, when the checkpoint was written by another process count
         if data_iter is not None:
-            items["data"] = _grain_args()[1](data_iter)
+            from free_transformer_jax.data.pipeline import state_from_other_process_count
+
+            moved = state_from_other_process_count(os.path.join(self.directory, str(step), "data"))
+            if moved is None:
+                items["data"] = _grain_args()[1](data_iter)
         restored = self._restore(step, items)
+        if moved is not None:
+            data_iter.set_state(moved)
+            if hasattr(data_iter, "start_prefetch"):  # as grain's handler does after set_state
+                data_iter.start_prefetch()
         return TrainState(step=restored["opt"]["step"], params=restored["params"],
                           opt_state=restored["opt"]["opt_state"])
 

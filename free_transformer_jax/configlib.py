@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
         synthetic_seed=0,  # which synthetic dataset; independent of train.seed
         synthetic_eval_size=10_000,  # evaluation records (indices after the training ones)
         packing="first_fit",  # first_fit | concat (concat-and-split) | none (pad each document)
+        packing_bins=0,  # first_fit rows packed together per document stream; 0: max(8, rows/stream)
+        # document streams the global batch is cut into (each packs its own documents and fills
+        # its own rows); 0: one per row. Fixed => the same batches for any process count.
+        streams=0,
         add_bos=True,  # prepend BOS to each document (text sources)
         add_eos=True,  # append EOS to each document (text sources)
         shuffle=True,

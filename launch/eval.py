@@ -14,8 +14,10 @@ Results go to <workdir>/eval_step<N>.json and TensorBoard scalars under eval/ (l
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from free_transformer_jax import distributed
+from free_transformer_jax.logs import setup_console_logging
 from common import run  # launch/common.py: one-line errors shared by the launchers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
@@ -41,12 +43,17 @@ _MESH = {axis: flags.DEFINE_integer(f"mesh_{axis}", None, f"Size of the {axis} m
                                     "mesh (others: data=1, fsdp=-1, tensor=1); default: that mesh "
                                     "with data folded into fsdp.")
          for axis in ("data", "fsdp", "tensor")}
+distributed.define_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    try:
+        distributed.initialize_from_flags()
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
+    setup_console_logging()  # -v sets the verbosity; Orbax/Grain INFO needs -v=1
     if _SKIP_DATA.value and not _CHOICE.value:
         sys.exit("error: --skip_data leaves nothing to evaluate; add --choice_task=FILE")
     import jax
@@ -100,4 +107,7 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir"])
+    import jax
+
+    jax.config.config_with_absl()  # --jax_* flags
     run(main)

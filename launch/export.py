@@ -13,6 +13,9 @@ import sys
 
 from absl import app, flags
 
+from free_transformer_jax.logs import setup_console_logging
+from common import run  # launch/common.py: one-line errors shared by the launchers
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's --workdir.")
 _OUT = flags.DEFINE_string("out", None, "Directory to write (new or empty).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -46,6 +49,7 @@ def export(workdir: str, out: str, step: int | None = None, decoder_only: bool =
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    setup_console_logging()  # -v sets the verbosity; Orbax/Grain INFO needs -v=1
     from free_transformer_jax.checkpoint import CheckpointError
     from free_transformer_jax.model.config import ConfigError
 
@@ -57,4 +61,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir", "out"])
-    app.run(main)
+    run(main)

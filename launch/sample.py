@@ -15,8 +15,10 @@ and the samples are decoded on that mesh, rows split over its batch axes.
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from free_transformer_jax import distributed
+from free_transformer_jax.logs import setup_console_logging
 from common import run  # launch/common.py: one-line errors shared by the launchers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
@@ -43,6 +45,7 @@ _MESH = {axis: flags.DEFINE_integer(f"mesh_{axis}", None, f"Size of the {axis} m
                                     "mesh (others: data=1, fsdp=-1, tensor=1); default: that mesh "
                                     "with data folded into fsdp.")
          for axis in ("data", "fsdp", "tensor")}
+distributed.define_flags()
 
 
 def read_prompts() -> list[str]:
@@ -75,7 +78,11 @@ def read_prompts() -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    try:
+        distributed.initialize_from_flags()
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
+    setup_console_logging()  # -v sets the verbosity; Orbax/Grain INFO needs -v=1
     import jax
 
     from free_transformer_jax import fs
@@ -129,4 +136,7 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir"])
+    import jax
+
+    jax.config.config_with_absl()  # --jax_* flags
     run(main)
