@@ -24,7 +24,8 @@ from free_transformer_jax.model.config import ConfigError, ModelConfig
 RESUME_MUTABLE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
                   "train.async_ckpt", "train.eval_every", "train.profile_steps", "train.grad_accum",
                   "mesh.*", "eval.*", "data.tfds_data_dir", "data.tokenizer_path",
-                  "data.num_workers", "data.prefetch", "data.read_threads", "data.read_buffer")
+                  "data.num_workers", "data.prefetch", "data.read_threads", "data.read_buffer",
+                  "init.*")  # init.* only applies to a fresh run: a resume ignores it
 
 
 def base_config() -> ml_collections.ConfigDict:
