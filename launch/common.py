@@ -32,6 +32,19 @@ USER_ERRORS = (
 )
 
 
+def define_mesh_flags() -> dict[str, flags.FlagHolder]:
+    """``--mesh_data/--mesh_fsdp/--mesh_tensor`` of the launchers that load a checkpoint (eval,
+    sample): the inference mesh that ``checkpoint.load_model`` restores parameters into."""
+    return {axis: flags.DEFINE_integer(
+        f"mesh_{axis}", None, f"Size of the {axis} mesh axis (-1: the remaining devices). Given axes "
+        "replace the checkpoint config's mesh (others: data=1, fsdp=-1, tensor=1); default: that "
+        "mesh with data folded into fsdp.") for axis in ("data", "fsdp", "tensor")}
+
+
+def mesh_overrides(mesh_flags: dict[str, flags.FlagHolder]) -> dict[str, int | None]:
+    return {axis: holder.value for axis, holder in mesh_flags.items()}
+
+
 def one_line(message: str) -> str:
     return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
 

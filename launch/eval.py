@@ -18,7 +18,7 @@ from absl import app, flags
 
 from free_transformer_jax import distributed
 from free_transformer_jax.logs import setup_console_logging
-from common import run  # launch/common.py: one-line errors shared by the launchers
+from common import define_mesh_flags, mesh_overrides, run  # launch/common.py: one-line errors shared by the launchers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", lower_bound=0)
@@ -38,11 +38,7 @@ _Z_SAMPLES = flags.DEFINE_integer("z_samples", 4, "Z draws per choice for contin
 _SKIP_DATA = flags.DEFINE_bool("skip_data", False, "Only score --choice_task.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the Z draws.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON output (default: <workdir>/eval_step<N>.json).")
-_MESH = {axis: flags.DEFINE_integer(f"mesh_{axis}", None, f"Size of the {axis} mesh axis (-1: the "
-                                    "remaining devices). Given axes replace the checkpoint config's "
-                                    "mesh (others: data=1, fsdp=-1, tensor=1); default: that mesh "
-                                    "with data folded into fsdp.")
-         for axis in ("data", "fsdp", "tensor")}
+_MESH = define_mesh_flags()
 distributed.define_flags()
 
 
@@ -66,7 +62,7 @@ def main(argv):
     # read the task first: a bad file fails in a second, not after the restore
     examples = eval_lib.read_choice_task(_CHOICE.value) if _CHOICE.value else None
     config, cfg, params, step = load_model(_WORKDIR.value, step=_STEP.value,
-                                           mesh_overrides={k: f.value for k, f in _MESH.items()})
+                                           mesh_overrides=mesh_overrides(_MESH))
     mesh = params_mesh(params)
     print(f"step {step}, mesh {dict(mesh.shape)}")
     key = jax.random.key(_SEED.value)

@@ -19,7 +19,7 @@ from absl import app, flags
 
 from free_transformer_jax import distributed
 from free_transformer_jax.logs import setup_console_logging
-from common import run  # launch/common.py: one-line errors shared by the launchers
+from common import define_mesh_flags, mesh_overrides, run  # launch/common.py: one-line errors shared by the launchers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", lower_bound=0)
@@ -40,11 +40,7 @@ _STOP = flags.DEFINE_multi_string("stop", [], "Stop strings, each a single token
 _BOS = flags.DEFINE_bool("bos", True, "Prepend BOS when the tokenizer has one.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write JSONL here (local or gs://) instead of text to "
                               "stdout.")
-_MESH = {axis: flags.DEFINE_integer(f"mesh_{axis}", None, f"Size of the {axis} mesh axis (-1: the "
-                                    "remaining devices). Given axes replace the checkpoint config's "
-                                    "mesh (others: data=1, fsdp=-1, tensor=1); default: that mesh "
-                                    "with data folded into fsdp.")
-         for axis in ("data", "fsdp", "tensor")}
+_MESH = define_mesh_flags()
 distributed.define_flags()
 
 
@@ -92,7 +88,7 @@ def main(argv):
 
     prompts = read_prompts()
     config, cfg, params, step = load_model(_WORKDIR.value, step=_STEP.value,
-                                           mesh_overrides={k: f.value for k, f in _MESH.items()})
+                                           mesh_overrides=mesh_overrides(_MESH))
     tok = make_tokenizer(config)
     ids = encode_prompts(tok, prompts, bos=_BOS.value)
     stop = []
