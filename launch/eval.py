@@ -18,7 +18,7 @@ from absl import app, flags
 
 from free_transformer_jax import distributed
 from free_transformer_jax.logs import setup_console_logging
-from common import define_mesh_flags, mesh_overrides, run  # launch/common.py: one-line errors shared by the launchers
+from common import define_mesh_flags, mesh_overrides, run  # launch/common.py
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", lower_bound=0)
