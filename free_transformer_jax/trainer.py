@@ -16,6 +16,7 @@ import numpy as np
 
 from free_transformer_jax import checkpoint as ckpt_lib
 from free_transformer_jax import flops as flops_lib
+from free_transformer_jax import preemption
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model.config import ConfigError, ModelConfig
 from free_transformer_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -97,7 +98,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                        batch_size=t.batch_size // jax.process_count(), seed=t.seed)
     latest = ckpt.latest_step()
     if latest is not None:
-        state = ckpt.restore_state(abstract, data_iter=data_iter)
+        state = ckpt.restore_state(abstract, data_iter=data_iter, model=config.model.to_dict())
         _print(f"resumed from {ckpt.directory} at step {int(state.step)}")
     else:
         state, _ = init_state(cfg, tx, mesh, t.seed)
@@ -167,6 +168,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     step_fn = None
     pending = None
+    preempted = False
+    watcher = preemption.PreemptionWatcher(ckpt.reached_preemption)
     try:
         with shard_lib.mesh_context(mesh):
             step_fn = jit_train_step(cfg, tx, mesh, shardings, t.seed, t.grad_accum, schedule)
@@ -180,17 +183,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 pending = (step + 1, metrics)
                 if t.profile_steps and step == start + 2 + t.profile_steps:
                     jax.profiler.stop_trace()
-                if (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps:
+                ckpt.poll()  # a failed asynchronous save stops the run now, not at the next save
+                preempted = watcher.reached(step + 1)  # every process gets the same answer
+                if preempted or (step + 1) % t.ckpt_every == 0 or step + 1 == t.steps:
                     handle(*pending)  # never checkpoint a non-finite state
                     pending = None
                     ckpt.save(step + 1, state, data_iter=data_iter, config=config_dict)
+                if preempted:
+                    ckpt.wait()  # committed before the line is printed
+                    print(f"preempted ({watcher.describe()}): checkpoint saved at step {step + 1} "
+                          f"in {ckpt.directory}; rerun the same command to resume", flush=True)
+                    break
                 if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
                     run_eval(step + 1, state.params)
             if pending is not None:
                 handle(*pending)
     finally:
+        watcher.uninstall()
         ckpt.close()
         writer.close()
+    if preempted:
+        return last
     _print(f"done: step {t.steps} in {_fmt_time(time.perf_counter() - run_t0)}; checkpoints in "
            f"{ckpt.directory}")
     return last
