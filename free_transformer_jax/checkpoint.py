@@ -16,7 +16,9 @@ checkpoint of another model shape is refused, naming the config field, before an
 
 from __future__ import annotations
 
+import logging as py_logging
 import os
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -43,7 +45,7 @@ def _grain_args():
     return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
 
 
-def first_line(e: BaseException, limit: int = 300) -> str:
+def first_line(e: BaseException, limit: int = 1000) -> str:
     """The first line of an exception, or of its innermost cause (Orbax wraps TensorStore errors
     in messages that print a whole spec), at most ``limit`` characters."""
     chain = [e]
@@ -116,6 +118,50 @@ def shape_fields(model: Mapping[str, Any], saved_model: Mapping[str, Any]) -> li
     return named or [f"model.{k}={model[k]!r} (checkpoint: {saved_model[k]!r})" for k in differing]
 
 
+# Noise that follows a failed save or restore, and what stands for it instead: when one TensorStore
+# write or read fails, Orbax closes its event loop while the other reads/writes are still running;
+# each of them then reports "Event loop is closed" (or, at exit, "sys.meta_path is None") through
+# sys.unraisablehook, and Orbax's background threads log the same root cause with a traceback per
+# thread. The one-line CheckpointError raised by this module carries that root cause, so these are
+# dropped (all of them are shown again with absl verbosity >= 1, e.g. ``-v 1``).
+_ABORTED_IO = ("Event loop is closed", "sys.meta_path is None")
+_ORBAX_SAVE_THREADS = ("/orbax/checkpoint/_src/futures/", "/orbax/checkpoint/checkpoint_manager.py",
+                       "/orbax/checkpoint/_src/checkpointers/async_checkpointer.py")
+
+
+def _verbose() -> bool:
+    return logging.get_verbosity() >= logging.DEBUG
+
+
+class _DropSaveThreadErrors(py_logging.Filter):
+    """Drops Orbax's per-thread error logs of a failed save (reported once, as CheckpointError)."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        if record.levelno < py_logging.ERROR or _verbose():
+            return True
+        path = record.pathname.replace(os.sep, "/")
+        return not any(p in path for p in _ORBAX_SAVE_THREADS)
+
+
+def _unraisable_hook(previous):
+    def hook(unraisable):
+        text = f"{type(unraisable.exc_value).__name__}: {unraisable.exc_value}"
+        if any(m in text for m in _ABORTED_IO) and not _verbose():
+            return
+        previous(unraisable)
+    hook.ft_quiet = True
+    return hook
+
+
+def quiet_aborted_io() -> None:
+    """Installs the two filters above (once per process)."""
+    if not getattr(sys.unraisablehook, "ft_quiet", False):
+        sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+    absl_logger = py_logging.getLogger("absl")
+    if not any(isinstance(f, _DropSaveThreadErrors) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropSaveThreadErrors())
+
+
 class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` with this project's items and guarantees."""
 
@@ -126,6 +172,7 @@ class Checkpointer:
         else:  # Orbax wants absolute local paths
             self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
             self.quarantine = os.path.join(os.path.abspath(workdir), "corrupt_checkpoints")
+        quiet_aborted_io()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
@@ -163,7 +210,8 @@ class Checkpointer:
         """Saves ``state`` at ``step`` (asynchronously when enabled). Refuses non-finite or
         overflowing parameters (:class:`NonFiniteStateError`, naming the last good step) and
         turns a failed write into a one-line :class:`CheckpointError`."""
-        self.poll()  # an earlier asynchronous save that failed stops the run here
+        if self._in_flight is not None:
+            self.wait()  # Orbax waits for the previous save anyway; a failure names its own step
         sq = params_sum_of_squares(state.params)
         if not np.isfinite(sq):
             last = self.latest_step()

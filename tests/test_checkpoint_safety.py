@@ -1,0 +1,230 @@
+"""Preemption and checkpoints that cannot mislead (BUILD_NOTES "Preemption and checkpoint
+guarantees"): SIGTERM mid-run, a save killed half-way, a truncated array file, exploding
+parameters, a full disk, another model shape.
+
+Every run uses the same tiny 60-step config, so one uninterrupted run (the ``straight`` fixture)
+is the reference that each interrupted-then-resumed run must match bit for bit.
+"""
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from free_transformer_jax.checkpoint import (Checkpointer, CheckpointError, NonFiniteStateError,
+                                             load_model)
+from free_transformer_jax.preemption import PreemptionWatcher
+from free_transformer_jax.trainer import train
+from helpers import tiny_train_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, CKPT_EVERY = 60, 20
+
+
+def run_config(**train_fields):
+    c = tiny_train_config(steps=STEPS)
+    c.train.update(dict(ckpt_every=CKPT_EVERY, log_every=1, async_ckpt=True, **train_fields))
+    return c
+
+
+CONFIG_FILE = f"""
+import sys
+sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+from test_checkpoint_safety import run_config
+
+def get_config():
+    return run_config()
+"""
+
+
+def _env():
+    env = dict(os.environ)  # XLA_FLAGS (8 devices) and PYTHONPATH come from conftest / the caller
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"),
+                                         env.get("PYTHONPATH", "")])
+    env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as conftest sets in this process
+    return env
+
+
+def _launch(tmp_path, workdir, *, preexec_fn=None, script=None):
+    """``launch/train.py`` (or ``script``) on the test config, output line by line."""
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(CONFIG_FILE)
+    if script is None:
+        cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={cfg}",
+               f"--workdir={workdir}"]
+    else:
+        cmd = [sys.executable, "-c", script, str(cfg), str(workdir)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), cwd=ROOT, preexec_fn=preexec_fn)
+
+
+def _final_params(workdir):
+    return jax.tree.leaves(load_model(str(workdir), step=STEPS)[2])
+
+
+def _assert_bit_identical(workdir, reference):
+    for a, b in zip(_final_params(workdir), reference, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """(workdir, final parameters) of an uninterrupted run."""
+    workdir = tmp_path_factory.mktemp("straight") / "run"
+    train(run_config(), str(workdir))
+    return workdir, _final_params(workdir)
+
+
+# Preemption ------------------------------------------------------------------------------------------
+def test_sigterm_saves_the_current_step_exits_0_and_resume_is_bit_identical(tmp_path, straight):
+    workdir = tmp_path / "preempted"
+    proc = _launch(tmp_path, workdir)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err[-3000:]
+    lines = [l for l in out.splitlines() if l.startswith("preempted (SIGTERM): checkpoint saved at step")]
+    assert len(lines) == 1, out
+    step = int(lines[0].split("at step ")[1].split()[0])
+    assert 3 <= step < STEPS and "done:" not in out
+    assert Checkpointer(str(workdir)).all_steps()[-1] == step  # committed before the exit
+    # the same command resumes from that step (model, optimizer AND data order) to the end
+    train(run_config(), str(workdir))
+    _assert_bit_identical(workdir, straight[1])
+
+
+def test_sigint_is_a_preemption_notice_and_a_second_one_interrupts():
+    before = signal.getsignal(signal.SIGINT)
+    with PreemptionWatcher() as watcher:
+        assert not watcher.reached(1)
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the step finishes first
+        time.sleep(0.01)
+        assert watcher.reached(2) and watcher.describe() == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+# A save killed half-way --------------------------------------------------------------------------------
+KILL_MID_SAVE = """
+import sys, time
+from orbax.checkpoint._src.path import atomicity
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def blocking_finalize(self):
+    # everything of step 40 is written to its temporary directory; hang before the rename
+    if self._final_path.name == "40":
+        print("BLOCKED_BEFORE_RENAME", flush=True)
+        time.sleep(600)
+    return await finalize(self)
+
+atomicity.AtomicRenameTemporaryPath.finalize = blocking_finalize
+import importlib.util
+spec = importlib.util.spec_from_file_location("cfg", sys.argv[1])
+cfg = importlib.util.module_from_spec(spec); spec.loader.exec_module(cfg)
+from free_transformer_jax.trainer import train
+train(cfg.get_config(), sys.argv[2])
+"""
+
+
+def test_a_save_killed_half_way_is_never_picked(tmp_path, straight):
+    workdir = tmp_path / "killed"
+    proc = _launch(tmp_path, workdir, script=KILL_MID_SAVE)
+    for line in proc.stdout:
+        if line.strip() == "BLOCKED_BEFORE_RENAME":
+            proc.kill()  # SIGKILL: no handler, no cleanup
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    ckdir = workdir / "checkpoints"
+    tmp = [n for n in os.listdir(ckdir) if n.startswith("40.orbax-checkpoint-tmp")]
+    assert len(tmp) == 1 and (ckdir / tmp[0] / "params").is_dir()  # written, not yet renamed
+    ck = Checkpointer(str(workdir))
+    assert ck.latest_step() == 20  # the complete-looking step 40 is not a checkpoint
+    ck.close()
+    assert not any(n.startswith("40") for n in os.listdir(ckdir))  # leftover removed at start-up
+    train(run_config(), str(workdir))
+    _assert_bit_identical(workdir, straight[1])
+
+
+# A truncated array file --------------------------------------------------------------------------------
+def test_a_truncated_latest_checkpoint_is_reported_in_one_line_and_skipped(tmp_path, straight, capfd):
+    workdir = tmp_path / "truncated"
+    shutil.copytree(straight[0], workdir)
+    data = workdir / "checkpoints" / str(STEPS) / "params" / "ocdbt.process_0" / "d"
+    biggest = max(data.iterdir(), key=lambda p: p.stat().st_size)
+    os.truncate(biggest, biggest.stat().st_size // 10)
+    capfd.readouterr()  # the same command: step 60 is unreadable, so it resumes from step 40
+    train(run_config(), str(workdir))
+    out, err = capfd.readouterr()
+    reports = [l for l in (out + err).splitlines() if "unreadable" in l]
+    assert len(reports) == 1 and f"checkpoint step {STEPS} is unreadable" in reports[0], err[-2000:]
+    assert "resuming from step 40" in reports[0] and "Traceback" not in err
+    assert f"resumed from {workdir / 'checkpoints'} at step 40" in out
+    assert (workdir / "corrupt_checkpoints" / str(STEPS)).is_dir()  # moved aside, not deleted
+    _assert_bit_identical(workdir, straight[1])
+
+
+# Exploding parameters ----------------------------------------------------------------------------------
+def test_overflowing_parameters_are_never_saved(tmp_path):
+    c = run_config(ckpt_every=1, steps=4)
+    c.optim.update(lr=1e30, grad_clip=0.0)  # warm-up: step 1 has lr 0, step 2 blows up
+    workdir = str(tmp_path / "explode")
+    with pytest.raises(NonFiniteStateError, match=r"refusing to save step 2: .* last good "
+                                                  r"checkpoint: step 1 in"):
+        train(c, workdir)
+    ck = Checkpointer(workdir)
+    assert ck.all_steps() == [1]
+    ck.close()
+    _, _, params, _ = load_model(workdir)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+# A full disk ------------------------------------------------------------------------------------------
+def _file_size_limit():
+    """RLIMIT_FSIZE: writes past 40 kB fail with EFBIG, as on a full disk, even for root (the
+    TensorBoard file and config.json stay below it, the checkpoint's array files do not)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+
+def test_a_failed_save_stops_the_run_at_once_with_one_line(tmp_path):
+    workdir = tmp_path / "full"
+    proc = _launch(tmp_path, workdir, preexec_fn=_file_size_limit)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: saving step {CKPT_EVERY} to {workdir / 'checkpoints'} failed"), \
+        err[-3000:]
+    assert "File too large" in last and "no complete checkpoint" in last
+    steps = [int(l.split()[1].split("/")[0]) for l in out.splitlines() if l.startswith("step ")]
+    assert max(steps) < 2 * CKPT_EVERY  # stopped right after the failed write, not at the next save
+    assert "Traceback" not in err
+
+
+# Another model shape ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value", [("d_model", 64), ("latent", False)])
+def test_another_model_shape_is_refused_naming_the_field(straight, field, value, monkeypatch):
+    c = run_config()
+    c.model[field] = value
+    import free_transformer_jax.trainer as trainer_lib
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled before refusing the checkpoint")
+
+    monkeypatch.setattr(trainer_lib, "jit_train_step", no_compile)
+    with pytest.raises(CheckpointError, match=rf"another model shape: model\.{field}={value!r} "
+                                              rf"\(checkpoint: .*\)"):
+        train(c, str(straight[0]))
