@@ -152,6 +152,58 @@ def test_sigint_is_a_preemption_notice_and_a_second_one_interrupts():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+TWO_PROCESSES = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address="localhost:" + sys.argv[3], num_processes=2,
+                           process_id=int(sys.argv[4]))
+import importlib.util
+spec = importlib.util.spec_from_file_location("cfg", sys.argv[1])
+cfg = importlib.util.module_from_spec(spec); spec.loader.exec_module(cfg)
+from free_transformer_jax.trainer import train
+train(cfg.get_config(), sys.argv[2])
+"""
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, compilation_cache):
+    """2 processes x 4 CPU devices: JAX's preemption sync (through Orbax's reached_preemption)
+    makes the process that was not signalled stop and save at the same step."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = str(sock.getsockname()[1])
+    workdir = tmp_path / "two"
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(CONFIG_FILE)
+    env = _env(compilation_cache)
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(cfg), str(workdir), port,
+                               str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=ROOT) for i in range(2)]
+    try:
+        for line in procs[0].stdout:  # process 0 prints the progress lines
+            if line.startswith("step 3/"):
+                procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
+                break
+        outs = [procs[0].stdout.read(), procs[1].stdout.read()]
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0], [p.stderr.read()[-2000:] for p in procs]
+    steps = []
+    for out in outs:
+        lines = [l for l in out.splitlines() if l.startswith("preempted (")]
+        assert len(lines) == 1, out
+        steps.append(int(lines[0].split("at step ")[1].split()[0]))
+    assert steps[0] == steps[1] and 3 < steps[0] < STEPS, steps
+    assert Checkpointer(str(workdir)).all_steps() == [steps[0]]
+
+
 # A save killed half-way --------------------------------------------------------------------------------
 KILL_MID_SAVE = """
 import sys, time
@@ -248,6 +300,14 @@ def test_a_failed_save_stops_the_run_at_once_with_one_line(tmp_path, compilation
     assert "File too large" in last and "no complete checkpoint" in last
     steps = [int(l.split()[1].split("/")[0]) for l in out.splitlines() if l.startswith("step ")]
     assert max(steps) < 2 * CKPT_EVERY  # stopped right after the failed write, not at the next save
+
+
+def test_a_checkpoint_directory_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("a regular file, so nothing can be created below it, even by root")
+    with pytest.raises(CheckpointError, match=r"cannot use .*/file/run/checkpoints for checkpoints: "
+                                              r"\[Errno 20\] Not a directory") as e:
+        Checkpointer(str(tmp_path / "file" / "run"))
+    assert "\n" not in str(e.value)
 
 
 # Another model shape ----------------------------------------------------------------------------------
