@@ -213,7 +213,8 @@ finalize = atomicity.AtomicRenameTemporaryPath.finalize
 async def blocking_finalize(self):
     # everything of step 40 is written to its temporary directory; hang before the rename
     if self._final_path.name == "40":
-        print("BLOCKED_BEFORE_RENAME", flush=True)
+        sys.stdout.write("\\nBLOCKED_BEFORE_RENAME\\n")  # own line, even amid progress lines
+        sys.stdout.flush()
         time.sleep(600)
     return await finalize(self)
 
@@ -230,7 +231,7 @@ def test_a_save_killed_half_way_is_never_picked(tmp_path, straight, compilation_
     workdir = tmp_path / "killed"
     proc = _launch(tmp_path, workdir, compilation_cache, script=KILL_MID_SAVE)
     for line in proc.stdout:
-        if line.strip() == "BLOCKED_BEFORE_RENAME":
+        if "BLOCKED_BEFORE_RENAME" in line:  # printed from Orbax's thread: may share a line
             proc.kill()  # SIGKILL: no handler, no cleanup
             break
     proc.wait(timeout=60)
