@@ -121,9 +121,10 @@ def shape_fields(model: Mapping[str, Any], saved_model: Mapping[str, Any]) -> li
 # Noise that follows a failed save or restore, and what stands for it instead: when one TensorStore
 # write or read fails, Orbax closes its event loop while the other reads/writes are still running;
 # each of them then reports "Event loop is closed" (or, at exit, "sys.meta_path is None") through
-# sys.unraisablehook, and Orbax's background threads log the same root cause with a traceback per
-# thread. The one-line CheckpointError raised by this module carries that root cause, so these are
-# dropped (all of them are shown again with absl verbosity >= 1, e.g. ``-v 1``).
+# sys.unraisablehook, Orbax's background threads log the same root cause with a traceback per
+# thread, and asyncio logs each abandoned write task ("Task exception was never retrieved") when it
+# is garbage-collected. The one-line CheckpointError raised by this module carries that root cause,
+# so these are dropped (all of them are shown again with absl verbosity >= 1, e.g. ``-v 1``).
 _ABORTED_IO = ("Event loop is closed", "sys.meta_path is None")
 _ORBAX_SAVE_THREADS = ("/orbax/checkpoint/_src/futures/", "/orbax/checkpoint/checkpoint_manager.py",
                        "/orbax/checkpoint/_src/checkpointers/async_checkpointer.py")
@@ -143,6 +144,13 @@ class _DropSaveThreadErrors(py_logging.Filter):
         return not any(p in path for p in _ORBAX_SAVE_THREADS)
 
 
+class _DropAbandonedTasks(py_logging.Filter):
+    """Drops asyncio's report of a write task abandoned after another write failed."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return _verbose() or "exception was never retrieved" not in str(record.msg)
+
+
 def _unraisable_hook(previous):
     def hook(unraisable):
         text = f"{type(unraisable.exc_value).__name__}: {unraisable.exc_value}"
@@ -154,12 +162,13 @@ def _unraisable_hook(previous):
 
 
 def quiet_aborted_io() -> None:
-    """Installs the two filters above (once per process)."""
+    """Installs the filters above (once per process)."""
     if not getattr(sys.unraisablehook, "ft_quiet", False):
         sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
-    absl_logger = py_logging.getLogger("absl")
-    if not any(isinstance(f, _DropSaveThreadErrors) for f in absl_logger.filters):
-        absl_logger.addFilter(_DropSaveThreadErrors())
+    for name, kind in (("absl", _DropSaveThreadErrors), ("asyncio", _DropAbandonedTasks)):
+        logger = py_logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 class Checkpointer:
