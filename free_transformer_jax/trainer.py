@@ -22,6 +22,7 @@ from free_transformer_jax import configlib
 from free_transformer_jax import flops as flops_lib
 from free_transformer_jax import fs
 from free_transformer_jax import init_from
+from free_transformer_jax import preemption
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.progress import Progress, format_duration
 from free_transformer_jax.train.program import Program, build_program
@@ -141,7 +142,8 @@ def _restore_or_init(program: Program, ckpt: ckpt_lib.Checkpointer, data_iter: A
     restore or compilation."""
     if ckpt.latest_step() is not None:
         configlib.check_resume(workdir, program.config.to_dict())
-        state = ckpt.restore_state(program.abstract_state, data_iter=data_iter)
+        state = ckpt.restore_state(program.abstract_state, data_iter=data_iter,
+                                   model=program.config.model.to_dict())
         _print(f"resumed from {ckpt.directory} at step {int(state.step)}")
         return state
     params = init_from.initial_params(program.config, program.model, program.mesh,
@@ -205,10 +207,12 @@ def _evaluate(program: Program, step: int, params: Any, writer: MetricWriter):
 
 
 def _loop(program: Program, state: TrainState, data_iter: Iterator, ckpt: ckpt_lib.Checkpointer,
-          writer: MetricWriter, workdir: str) -> dict[str, float]:
-    """Steps from ``state.step`` to ``train.steps``. Metrics reach the host one step late (the
-    device stays busy); they are always checked before a checkpoint, so a non-finite state is
-    never saved."""
+          writer: MetricWriter, workdir: str,
+          watcher: preemption.PreemptionWatcher) -> tuple[dict[str, float], bool]:
+    """Steps from ``state.step`` to ``train.steps``; returns (last metrics, preempted). Metrics
+    reach the host one step late (the device stays busy); they are always checked before a
+    checkpoint, so a non-finite state is never saved. On SIGTERM/SIGINT (``watcher``) the current
+    step finishes, is saved and committed, and the loop stops at a step every process agrees on."""
     config, t = program.config, program.config.train
     start = int(state.step)
     progress = _make_progress(program)
@@ -241,10 +245,17 @@ def _loop(program: Program, state: TrainState, data_iter: Iterator, ckpt: ckpt_l
                 pending = (done, metrics)
                 profile.after_step(step, metrics)
                 paused = False
-                if done % t.ckpt_every == 0 or done == t.steps:
+                ckpt.poll()  # a failed asynchronous save stops the run now, not at the next save
+                preempted = watcher.reached(done)  # every process, every step: the same answer
+                if preempted or done % t.ckpt_every == 0 or done == t.steps:
                     flush()  # never checkpoint a non-finite state
                     ckpt.save(done, state, data_iter=data_iter, config=config.to_dict())
                     paused = True
+                if preempted:
+                    ckpt.wait()  # committed before the line is printed
+                    print(f"preempted ({watcher.describe()}): checkpoint saved at step {done} in "
+                          f"{ckpt.directory}; rerun the same command to resume", flush=True)
+                    return last, True
                 if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
                     flush()
                     _evaluate(program, done, state.params, writer)
@@ -254,7 +265,7 @@ def _loop(program: Program, state: TrainState, data_iter: Iterator, ckpt: ckpt_l
             flush()
     finally:
         profile.close()
-    return last
+    return last, False
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -268,6 +279,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     _make_workdir(workdir)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_ckpts, async_save=t.async_ckpt)
     data_iter = writer = None
+    watcher = preemption.PreemptionWatcher(ckpt.reached_preemption)
     try:
         data_iter = _train_batches(config)
         state = _restore_or_init(program, ckpt, data_iter, workdir)
@@ -279,13 +291,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         writer = MetricWriter(workdir)
         writer.hyperparameters(start, config)
         _print(_describe(program))
-        last = _loop(program, state, data_iter, ckpt, writer, workdir)
+        last, preempted = _loop(program, state, data_iter, ckpt, writer, workdir, watcher)
     finally:
+        watcher.uninstall()
         if data_iter is not None:
             data_iter.close()  # stops prefetch threads and grain worker processes
         ckpt.close()
         if writer is not None:
             writer.close()
+    if preempted:
+        return last
     _print(f"done: step {t.steps} in {format_duration(time.perf_counter() - run_t0)}; checkpoints "
            f"in {ckpt.directory}")
     return last
