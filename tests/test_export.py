@@ -212,6 +212,8 @@ def test_free_transformer_export_round_trip(ft_run, tmp_path):
     assert jax.tree.structure(back) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
         np.testing.assert_array_equal(a, b)
+    # same layout as load_model's (its inference mesh), so the same reductions: identical logits
+    back = jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), back, params)
     np.testing.assert_array_equal(ours(cfg, back), ours(cfg, params))
     # the directory's decoder is a Llama: ours with a zero Z table
     model = transformers.LlamaForCausalLM.from_pretrained(out).eval()
