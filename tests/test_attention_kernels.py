@@ -127,6 +127,8 @@ def test_cudnn_wiring_matches_xla_on_real_tokens(causal):
 
 def test_splash_sharded_over_a_mesh_matches_xla():
     """Inside shard_map: rows over data, kv heads over tensor (2 x 2 devices)."""
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 devices")
     backend = "pallas_gpu" if ON_GPU else "splash"
     cfg = kernel_cfg(n_heads=4, n_kv_heads=2, attention_impl=backend)
     mesh = shard_lib.make_mesh(dict(data=2, fsdp=1, tensor=2), jax.devices()[:4])
@@ -153,11 +155,10 @@ def model_loss_and_grads(cfg, params, tokens, seg, pos):
     return jax.value_and_grad(loss, has_aux=True)(params)
 
 
-def test_model_with_splash_matches_xla():
+def test_model_with_a_kernel_matches_xla():
     """The whole Free Transformer (causal decoder block, injection block with keys/values from
-    norm(x + r), non-causal encoder with zeta queries) on packed rows with one kv head."""
-    if ON_GPU:
-        pytest.skip("Splash is a TPU kernel")
+    norm(x + r), non-causal encoder with zeta queries) on packed rows with one kv head, through
+    Splash (interpret mode) on a CPU, the Pallas GPU kernel on a GPU."""
     t = 128
     ref_cfg = model_cfg()
     params = tiny_params(ref_cfg)
@@ -165,8 +166,9 @@ def test_model_with_splash_matches_xla():
     seg = jnp.asarray(np.r_[np.full(50, 1), np.full(60, 2), np.zeros(18)][None].repeat(B, 0),
                       jnp.int32)
     pos = jnp.asarray(np.r_[np.arange(50), np.arange(60), np.zeros(18)][None].repeat(B, 0), jnp.int32)
-    kernel = ref_cfg.replace(attention_impl="splash", attention_interpret=True,
-                             attention_block_q=128, attention_block_kv=128)
+    kernel = ref_cfg.replace(attention_impl="pallas_gpu" if ON_GPU else "splash",
+                             attention_interpret=not ON_GPU, attention_block_q=128,
+                             attention_block_kv=128)
     (l1, (lg1, aux1)), g1 = model_loss_and_grads(kernel, params, tokens, seg, pos)
     (l0, (lg0, aux0)), g0 = model_loss_and_grads(ref_cfg, params, tokens, seg, pos)
     np.testing.assert_allclose(lg1, lg0, **TOL)
@@ -180,7 +182,8 @@ def test_decoding_with_a_cache_uses_the_xla_path():
     """A kernel config decodes (prefill + one token through the KV cache) exactly as xla."""
     ref_cfg = model_cfg()
     params = tiny_params(ref_cfg)
-    kernel = ref_cfg.replace(attention_impl="splash", attention_interpret=True)
+    kernel = ref_cfg.replace(attention_impl="pallas_gpu" if ON_GPU else "splash",
+                             attention_interpret=not ON_GPU)
     prompt = jax.random.randint(jax.random.key(4), (B, 5), 0, 61)
 
     @functools.partial(jax.jit, static_argnums=0)
@@ -247,7 +250,7 @@ def test_invalid_attention_fields_fail_with_the_field_name(kw, match):
 
 
 def test_a_kernel_at_another_length_fails_at_trace_time_with_one_line():
-    cfg = kernel_cfg(attention_impl="splash")
+    cfg = kernel_cfg(attention_impl="splash", attention_interpret=True)
     q, k, v, _ = qkv(1, 2)
     with pytest.raises(ConfigError, match="multiple of 128, not 200"):
         kernels.kernel_attention("splash", q[:, :200], k[:, :200], v[:, :200],
