@@ -93,7 +93,9 @@ class FreeTransformer(nn.Module):
         b, t = tokens_BT.shape
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        impl = trace_impl(cfg, t, cached=cache is not None)
+        # init only creates parameters, which no attention choice changes (and its dummy input
+        # need not suit a kernel): the xla path there
+        impl = "xla" if self.is_initializing() else trace_impl(cfg, t, cached=cache is not None)
         if cache is None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
