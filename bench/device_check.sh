@@ -22,8 +22,9 @@ MODE="${1:-gpu}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 STATUS=()
+SCALE=1  # time limits x SCALE (a dry run on a shared CPU compiles slowly)
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log, record the exit status
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * SCALE )); shift 2
   local t0=$SECONDS
   echo "== $name (limit ${limit}s): $*"
   timeout "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
@@ -40,6 +41,7 @@ fi
 
 if [[ "$MODE" == "--dry-run" ]]; then
   export JAX_PLATFORMS=cpu
+  SCALE=${DRY_RUN_SCALE:-6}
   TESTS=(tests/test_attention_kernels.py -k "auto or config_error or invalid or cudnn_wiring")
   SHAPE=(--config=configs/bench_cpu.py --config.model.n_layers=2 --config.model.d_model=128
          --config.model.ffn_dim=256 --config.data.seq_len=128 --config.model.attention_chunk=64

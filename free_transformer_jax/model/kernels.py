@@ -96,7 +96,8 @@ def splash_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, seg_BT: Array,
     kvh = k_BSKD.shape[2]
     block_q, block_kv = kernel_blocks(cfg, "splash", t)
     kernel = _splash_kernel(t, h, kvh, causal, block_q, block_kv, cfg.attention_interpret)
-    q = jnp.swapaxes(q_BTHD * jnp.asarray(d**-0.5, q_BTHD.dtype), 1, 2)  # B H T D
+    # scaled in float32 (a bf16 constant 128**-0.5 would bias every logit by up to 0.2%)
+    q = jnp.swapaxes((q_BTHD.astype(jnp.float32) * d**-0.5).astype(q_BTHD.dtype), 1, 2)  # B H T D
     k, v = jnp.swapaxes(k_BSKD, 1, 2), jnp.swapaxes(v_BSKD, 1, 2)  # B K S D
     if kvh == 1:
         k, v = k[:, 0], v[:, 0]
