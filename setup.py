@@ -1,6 +1,8 @@
 """free_transformer_jax: the Free Transformer (Fleuret, arXiv 2510.17558) in JAX/Flax.
 
-Ranges here say what the code is written against; requirements.lock pins the exact set CI tests.
+Ranges here say what the code is written against; requirements.lock pins the exact runtime set and
+requirements-test.lock adds the test-only packages (CI installs the latter). pyproject.toml only
+declares the build system (setuptools); the metadata stays here.
 """
 
 from setuptools import find_packages, setup

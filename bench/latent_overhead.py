@@ -1,6 +1,7 @@
 """Side-by-side cost of the latent path: baseline vs Free Transformer (fused custom_vjp) vs Free
 Transformer (dense reference), same shared weights and batch, in one run. Prints step time and
-compiled temporary memory per device, and ratios to the baseline.
+compiled temporary memory per device, and ratios to the baseline. Each variant is the training
+program ``train()`` would run (``train.program.build_program``) on all local devices.
 
     python bench/latent_overhead.py --d_model=256 --n_layers=4 --seq_len=256 --batch=8 --bits=8,12,16
 """
@@ -22,50 +23,62 @@ _CHUNK = flags.DEFINE_integer("attention_chunk", 0, "model.attention_chunk for e
 _REMAT = flags.DEFINE_string("remat", "none", "model.remat_policy for every variant.")
 
 
+def experiment(**model):
+    """The base config with this bench's shape: one training program per variant."""
+    from free_transformer_jax.configlib import base_config
+
+    c = base_config()
+    c.model.update({**dict(vocab_size=_V.value, d_model=_D.value, n_layers=_L.value, n_heads=4,
+                           n_kv_heads=4, dtype=_DTYPE.value, latent=False,
+                           attention_chunk=_CHUNK.value, remat_policy=_REMAT.value), **model})
+    c.data.seq_len = _T.value
+    c.train.batch_size = _B.value
+    c.train.steps = 1 + _STEPS.value
+    return c
+
+
 def main(argv):
     del argv
-    import flax.linen as nn
     import jax
-    import jax.numpy as jnp
-    import optax
+    import numpy as np
 
-    from free_transformer_jax.model.config import ModelConfig
-    from free_transformer_jax.model.transformer import init_params
-    from free_transformer_jax.train.state import TrainState
-    from free_transformer_jax.train.step import make_train_step
+    from free_transformer_jax import sharding as shard_lib
+    from free_transformer_jax.train.program import build_program
 
     print(f"device: {jax.devices()[0].device_kind}, d_model {_D.value}, layers {_L.value}, "
           f"batch {_B.value} x {_T.value}, dtype {_DTYPE.value}, attention_chunk "
           f"{_CHUNK.value}, remat {_REMAT.value}")
-    tokens = jax.random.randint(jax.random.key(0), (_B.value, _T.value + 1), 0, _V.value)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    b, t = _B.value, _T.value
+    tokens = np.random.default_rng(0).integers(0, _V.value, (b, t + 1)).astype(np.int32)
+    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                  "segment_ids": np.ones((b, t), np.int32),
+                  "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+                  "loss_mask": np.ones((b, t), np.int32)}
 
-    def measure(cfg):
-        tx = optax.adamw(1e-4)
-        params = nn.meta.unbox(init_params(cfg, jax.random.key(0)))
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-        step = jax.jit(make_train_step(cfg, tx, 0, 1), donate_argnums=(0,))
-        compiled = step.lower(state, batch).compile()
+    def measure(config):
+        """(seconds per step, compiled temporary MiB per device) of the training program."""
+        program = build_program(config)  # what train() runs: same optimizer, shardings, step
+        compiled = program.lower().compile()
         temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        t0 = time.perf_counter()
-        for _ in range(_STEPS.value):
+        state = program.init_state(seed=0)
+        batch = shard_lib.global_batch_from_host(host_batch, program.mesh)
+        with shard_lib.mesh_context(program.mesh):
             state, m = compiled(state, batch)
-        jax.block_until_ready(m)
+            jax.block_until_ready(m)
+            t0 = time.perf_counter()
+            for _ in range(_STEPS.value):
+                state, m = compiled(state, batch)
+            jax.block_until_ready(m)
         return (time.perf_counter() - t0) / _STEPS.value, temp
 
-    base = ModelConfig(vocab_size=_V.value, d_model=_D.value, n_layers=_L.value, n_heads=4,
-                       n_kv_heads=4, dtype=_DTYPE.value, latent=False,
-                       attention_chunk=_CHUNK.value, remat_policy=_REMAT.value)
-    t0, m0 = measure(base)
+    t0, m0 = measure(experiment())
     print(f"{'variant':28s} {'step ms':>9s} {'x base':>7s} {'temp MiB':>9s} {'x base':>7s}")
     print(f"{'baseline':28s} {1e3 * t0:9.1f} {1.0:7.2f} {m0:9.1f} {1.0:7.2f}")
     for bits in map(int, _BITS.value):
         for impl in ("fused", "dense"):
             if impl == "dense" and bits > _DENSE_MAX.value:
                 continue
-            t, m = measure(base.replace(latent=True, latent_bits=bits, latent_impl=impl))
+            t, m = measure(experiment(latent=True, latent_bits=bits, latent_impl=impl))
             print(f"{'free H=%d %s' % (bits, impl):28s} {1e3 * t:9.1f} {t / t0:7.2f} {m:9.1f} "
                   f"{m / m0:7.2f}")
 

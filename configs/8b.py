@@ -1,4 +1,5 @@
-"""The paper's 8B shape (SPEC section 6). Values the paper does not give are marked [choice]."""
+"""The paper's 8B shape (paper section 4; BUILD_NOTES.md, "Parameter counts"). Values the paper does
+not give are marked [choice]."""
 
 from free_transformer_jax.configlib import base_config
 

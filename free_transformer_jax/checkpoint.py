@@ -78,9 +78,18 @@ class Checkpointer:
         items = {"params": ocp.args.StandardRestore(abstract_state.params),
                  "opt": ocp.args.StandardRestore({"step": abstract_state.step,
                                                   "opt_state": abstract_state.opt_state})}
+        moved = None  # the data state, when the checkpoint was written by another process count
         if data_iter is not None:
-            items["data"] = _grain_args()[1](data_iter)
+            from free_transformer_jax.data.pipeline import state_from_other_process_count
+
+            moved = state_from_other_process_count(os.path.join(self.directory, str(step), "data"))
+            if moved is None:
+                items["data"] = _grain_args()[1](data_iter)
         restored = self._restore(step, items)
+        if moved is not None:
+            data_iter.set_state(moved)
+            if hasattr(data_iter, "start_prefetch"):  # as grain's handler does after set_state
+                data_iter.start_prefetch()
         return TrainState(step=restored["opt"]["step"], params=restored["params"],
                           opt_state=restored["opt"]["opt_state"])
 
@@ -109,28 +118,84 @@ class Checkpointer:
         self.manager.close()
 
 
+MESH_FLAG_AXES = ("data", "fsdp", "tensor")
+
+
+def inference_mesh_shape(mesh_cfg: Any, n_devices: int,
+                         overrides: dict[str, int | None] | None = None) -> dict[str, int]:
+    """The mesh evaluation and sampling use, as {data, fsdp, tensor, dcn_data} sizes.
+
+    Without ``overrides`` (``None`` values count as absent): the config's ``mesh`` section with
+    its data-parallel axis folded into ``fsdp`` (the same batch split, parameters sharded instead
+    of replicated: an 8B model does not fit replicated on one chip). With them: the given axes,
+    the others ``data=1, fsdp=-1, tensor=1`` (so ``{"tensor": 4}`` is FSDP x 4-way tensor over all
+    devices). Multi-slice ``dcn_data`` slices stay on the data axis unless ``data`` is given."""
+    from free_transformer_jax import sharding as shard_lib
+
+    given = {k: int(v) for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(MESH_FLAG_AXES))
+    if unknown:
+        raise shard_lib.MeshError(f"mesh overrides {unknown}: expected axes among {MESH_FLAG_AXES}")
+    dcn = int(mesh_cfg.get("dcn_data", 1))
+    if given:
+        m = {"data": dcn, "fsdp": -1, "tensor": 1, **given}
+    else:
+        m = {a: int(mesh_cfg.get(a, 1)) for a in MESH_FLAG_AXES}
+    try:
+        data, fsdp, tensor = shard_lib.resolve_mesh_shape(m, n_devices)
+    except shard_lib.MeshError as e:
+        raise shard_lib.MeshError(f"{e} (for evaluation/sampling: pass --mesh_data/--mesh_fsdp/"
+                                  f"--mesh_tensor that fit {n_devices} devices, -1 for one of them)"
+                                  ) from None
+    if data % dcn:
+        dcn = 1
+    if "data" not in given:
+        data, fsdp = dcn, data * fsdp // dcn
+    return {"data": data, "fsdp": fsdp, "tensor": tensor, "dcn_data": dcn}
+
+
+def inference_mesh(mesh_cfg: Any, overrides: dict[str, int | None] | None = None,
+                   devices: Any = None):
+    """:func:`inference_mesh_shape` built on ``devices`` (default: all devices)."""
+    from free_transformer_jax import sharding as shard_lib
+
+    devices = list(jax.devices() if devices is None else devices)
+    return shard_lib.make_mesh(inference_mesh_shape(mesh_cfg, len(devices), overrides), devices)
+
+
+def params_mesh(params: Any):
+    """The mesh a restored parameter tree lives on."""
+    return jax.tree.leaves(params)[0].sharding.mesh
+
 
 def load_model(workdir: str, *, step: int | None = None, mesh: Any = None,
+               mesh_overrides: dict[str, int | None] | None = None,
                model_overrides: dict | None = None):
     """(config, ModelConfig, params, step) from a training workdir, parameters only (no optimizer
-    state), laid out for ``mesh`` (default: all local devices, data-parallel, so parameters are
-    replicated): the evaluating machine's device count need not match the training one's."""
+    state), restored by Orbax straight into their shardings on ``mesh`` (each device reads its own
+    shard; nothing passes through one device). Default mesh: :func:`inference_mesh` of the
+    checkpoint config's ``mesh`` section with ``mesh_overrides`` (e.g. ``{"tensor": 2}``), so
+    parameters are FSDP/tensor-sharded by the logical rules in ``sharding.py``, never replicated
+    unless asked (``{"data": -1, "fsdp": 1}``). ``params_mesh(params)`` returns the mesh used.
+    The evaluating machine's device count need not match the training one's."""
+    import flax.linen as nn
     import ml_collections
 
     from free_transformer_jax import sharding as shard_lib
     from free_transformer_jax.model.config import ModelConfig
     from free_transformer_jax.train.state import abstract_params
 
+    if mesh is not None and mesh_overrides:
+        raise ValueError("load_model: pass mesh or mesh_overrides, not both")
     ck = Checkpointer(workdir, async_save=False, create=False)
     try:
         step = ck._check_step(step)
         config = ml_collections.ConfigDict(ck.restore_config(step=step))
         cfg = ModelConfig.from_dict({**config.model.to_dict(), **(model_overrides or {})})
-        mesh = mesh or shard_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+        if mesh is None:
+            mesh = inference_mesh(config.get("mesh", {}), mesh_overrides)
         boxed = abstract_params(cfg)
         shardings = shard_lib.param_shardings(boxed, mesh)
-        import flax.linen as nn
-
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               nn.meta.unbox(boxed), shardings)
         params = ck.restore_params(target, step=step)

@@ -1,16 +1,30 @@
 """The base experiment configuration every ``configs/*.py`` file starts from.
 
 Sections: ``model`` (the fields of :class:`ModelConfig`), ``data``, ``optim``, ``train``, ``mesh``,
-``eval``. Config files change what differs and document every value the paper does not give.
+``eval``, ``init`` (where a fresh run's parameters come from). Config files change what differs and
+document every value the paper does not give.
 Launch scripts load them with ``config_flags.DEFINE_config_file(..., lock_config=True)``, so
 ``--config.optim.lr=1e-4`` overrides a value and a misspelt field is an error.
 """
 
 from __future__ import annotations
 
+import json
+from typing import Any, Mapping
+
 import ml_collections
 
-from free_transformer_jax.model.config import ModelConfig
+from free_transformer_jax import fs
+from free_transformer_jax.model.config import ConfigError, ModelConfig
+
+# Fields a resumed run may change: how long to train (the cosine schedule then spans the new
+# length), how often to log/save/evaluate, the layout (checkpoints restore onto any mesh and
+# grad_accum splits the same global batch), where prepared data now lives, and data-loading
+# throughput. Every other field is fixed once a run has a checkpoint.
+RESUME_MUTABLE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
+                  "train.async_ckpt", "train.eval_every", "train.profile_steps", "train.grad_accum",
+                  "mesh.*", "eval.*", "data.tfds_data_dir", "data.tokenizer_path",
+                  "data.num_workers", "data.prefetch", "data.read_threads", "data.read_buffer")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -18,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
 
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",  # synthetic (SPEC section 7) | tfds (an ArrayRecord TFDS dataset)
+        source="synthetic",  # synthetic (data/synthetic.py) | tfds (an ArrayRecord TFDS dataset)
         # model input length per row (targets are the inputs shifted by one); 65 = one 66-token
         # synthetic record
         seq_len=65,
@@ -33,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
         synthetic_seed=0,  # which synthetic dataset; independent of train.seed
         synthetic_eval_size=10_000,  # evaluation records (indices after the training ones)
         packing="first_fit",  # first_fit | concat (concat-and-split) | none (pad each document)
+        packing_bins=0,  # first_fit rows packed together per document stream; 0: max(8, rows/stream)
+        # document streams the global batch is cut into (each packs its own documents and fills
+        # its own rows); 0: one per row. Fixed => the same batches for any process count.
+        streams=0,
         add_bos=True,  # prepend BOS to each document (text sources)
         add_eos=True,  # append EOS to each document (text sources)
         shuffle=True,
@@ -78,4 +96,49 @@ def base_config() -> ml_collections.ConfigDict:
         batches=8,
         prior_samples=4,  # Z draws for the prior-Z cross-entropy
     ))
+
+    # Where a fresh run's parameters come from (init_from.py); ignored when the workdir already has
+    # a checkpoint (resume wins). At most one may be set; both empty = random init.
+    c.init = ml_collections.ConfigDict(dict(
+        hf_llama_path="",  # a local Hugging Face Llama directory (config.json + *.safetensors)
+        params_from="",  # WORKDIR[:STEP] of one of our runs: its parameters, not its optimizer state
+    ))
     return c
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _mutable(field: str) -> bool:
+    return any(field == m or (m.endswith(".*") and field.startswith(m[:-1])) for m in RESUME_MUTABLE)
+
+
+def resume_changes(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"field: old -> new"`` for every field that differs between the run's recorded config and
+    this one and may not change on resume (fields only one side has are ignored: code changes add
+    and remove fields)."""
+    old = _flatten(previous)
+    new = _flatten(json.loads(json.dumps(dict(current))))  # the same JSON types config.json holds
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
+            if old[k] != new[k] and not _mutable(k)]
+
+
+def check_resume(workdir: str, current: Mapping[str, Any]) -> None:
+    """Refuses (one-line ConfigError) to resume ``workdir`` with a config that differs from its
+    ``config.json`` in a field outside :data:`RESUME_MUTABLE`; a run without one is not checked."""
+    recorded = fs.join(workdir, "config.json")
+    if not fs.exists(recorded):
+        return
+    changes = resume_changes(fs.read_json(recorded, "config.json"), current)
+    if changes:
+        raise ConfigError(f"resuming {workdir} with a config that differs from its config.json in "
+                          f"{'; '.join(changes)}; restore the recorded value(s) or use a new "
+                          "--workdir (configlib.RESUME_MUTABLE lists what may change on resume, "
+                          "e.g. train.steps)")

@@ -1,4 +1,5 @@
-"""Honest likelihoods for the Free Transformer (SPEC section 8) and continuation scoring.
+"""Honest likelihoods for the Free Transformer (BUILD_NOTES.md, "Evaluation and generation") and
+continuation scoring.
 
 Cross-entropy with the encoder's Z leaks up to kappa nats per token of the answer into Z, so it is
 never comparable to a baseline's CE. Reported per token:
@@ -15,6 +16,7 @@ i.e. log-mean-exp) over ``z_samples`` draws, with the same draws for every choic
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -23,13 +25,20 @@ from typing import Any, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from free_transformer_jax import fs
+from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model import latent as latent_lib
-from free_transformer_jax.model.config import ModelConfig
+from free_transformer_jax.model.config import ConfigError, ModelConfig
 from free_transformer_jax.model.transformer import FreeTransformer
 from free_transformer_jax.train.loss import cross_entropy, token_masks
 
 Batch = dict[str, jax.Array]
+
+
+def _mesh_scope(mesh: Mesh | None):
+    return shard_lib.mesh_context(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 # Dataset likelihoods -------------------------------------------------------------------------------
@@ -67,39 +76,100 @@ def finalize(sums: dict[str, float], cfg: ModelConfig) -> dict[str, float]:
 
 
 def evaluate(cfg: ModelConfig, params: Any, batches: Iterable[dict[str, np.ndarray]], key: jax.Array,
-             prior_samples: int = 4, max_batches: int | None = None, put=None) -> dict[str, float]:
-    """Accumulates :func:`eval_sums` over ``batches`` (host numpy dicts; ``put`` places one on the
-    devices, default ``jnp.asarray``)."""
-    put = put or (lambda b: jax.tree.map(jnp.asarray, b))
+             prior_samples: int = 4, max_batches: int | None = None, put=None,
+             mesh: Mesh | None = None) -> dict[str, float]:
+    """Accumulates :func:`eval_sums` over ``batches`` (host numpy dicts, this process's rows).
+
+    With ``mesh`` (e.g. the one :func:`checkpoint.load_model` restored ``params`` onto) every batch
+    is sharded over the mesh's batch axes and the model runs under its logical-axis rules; without
+    it ``put`` places a batch (default ``jnp.asarray``)."""
+    if put is None:
+        put = ((lambda b: shard_lib.global_batch_from_host(b, mesh)) if mesh is not None
+               else (lambda b: jax.tree.map(jnp.asarray, b)))
     totals: dict[str, float] = {}
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        sums = eval_sums(cfg, params, put(batch), jax.random.fold_in(key, i), prior_samples)
-        for k, v in jax.device_get(sums).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+    with _mesh_scope(mesh):
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            if mesh is not None:
+                rows = next(iter(batch.values())).shape[0] * jax.process_count()
+                shard_lib.check_batch(rows, mesh, field="the evaluation batch size")
+            sums = eval_sums(cfg, params, put(batch), jax.random.fold_in(key, i), prior_samples)
+            for k, v in jax.device_get(sums).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
     if not totals:
-        raise ValueError("evaluation saw no batches; check the eval split and eval.batches")
+        raise ConfigError("evaluation saw no batches: the eval split is empty or eval.batches is 0; "
+                          "check data.eval_split (or --split) and eval.batches")
     return finalize(totals, cfg)
 
 
+def write_results(results: dict[str, Any], output: str, logdir: str | None = None) -> str:
+    """Writes ``results`` as JSON to ``output`` and its float metrics (and choice accuracies) as
+    TensorBoard scalars under ``eval/`` in ``logdir``, local or remote alike (``fs.py``)."""
+    fs.write_json(output, results, "--output")
+    if logdir:
+        scalars = {k: v for k, v in results.items() if isinstance(v, float)}
+        if "choice_task" in results:
+            scalars["choice_accuracy"] = results["choice_task"]["accuracy"]
+            scalars["choice_accuracy_norm"] = results["choice_task"]["accuracy_norm"]
+        writer = fs.summary_writer(logdir)
+        for k, v in scalars.items():
+            writer.add_scalar("eval/" + k, v, int(results["step"]))
+        writer.close()
+    return output
+
+
 # Continuation scoring ------------------------------------------------------------------------------
+class ChoiceTaskError(ValueError):
+    """A choice-task file that cannot be scored; the message names the file, the line and the fix."""
+
+
+_CHOICE_FORMAT = '{"context": str, "choices": [str, str, ...], "label": int}'
+
+
+def _check_choice_example(ex: Any, where: str) -> dict[str, Any]:
+    def bad(msg: str):
+        raise ChoiceTaskError(f"{where}: {msg}; each line must be {_CHOICE_FORMAT}")
+
+    if not isinstance(ex, dict):
+        bad(f"a JSON {type(ex).__name__}, not an object")
+    missing = [k for k in ("context", "choices", "label") if k not in ex]
+    if missing:
+        bad(f"missing field(s) {missing}")
+    if not isinstance(ex["context"], str):
+        bad(f'"context" is a {type(ex["context"]).__name__}, not a string')
+    choices = ex["choices"]
+    if not isinstance(choices, list) or len(choices) < 2:
+        bad('"choices" must be a list of at least 2 strings')
+    for i, c in enumerate(choices):
+        if not isinstance(c, str) or not c:
+            bad(f'choice {i} is {c!r}, not a non-empty string')
+    label = ex["label"]
+    if isinstance(label, bool) or not isinstance(label, int):
+        bad(f'"label" is {label!r}, not an integer')
+    if not 0 <= label < len(choices):
+        raise ChoiceTaskError(f"{where}: label {label} out of range for {len(choices)} choices "
+                              f"(labels count from 0)")
+    return ex
+
+
 def read_choice_task(path: str) -> list[dict[str, Any]]:
-    """JSONL with {"context": str, "choices": [str, ...], "label": int} per line."""
+    """JSONL with {"context": str, "choices": [str, ...], "label": int} per line (local or remote
+    path), every line checked; a file with no examples is an error (never a NaN accuracy)."""
+    text = fs.read_text(path, "--choice_task")
     examples = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             ex = json.loads(line)
-            missing = {"context", "choices", "label"} - set(ex)
-            if missing:
-                raise ValueError(f"{path}:{n}: missing field(s) {sorted(missing)}; each line needs "
-                                 '"context", "choices" and "label"')
-            if not 0 <= int(ex["label"]) < len(ex["choices"]):
-                raise ValueError(f"{path}:{n}: label {ex['label']} out of range for "
-                                 f"{len(ex['choices'])} choices")
-            examples.append(ex)
+        except json.JSONDecodeError as e:
+            raise ChoiceTaskError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); each "
+                                  f"line must be {_CHOICE_FORMAT}") from None
+        examples.append(_check_choice_example(ex, f"{path}:{n}"))
+    if not examples:
+        raise ChoiceTaskError(f"{path}: no examples (the file is empty); give one JSON object per "
+                              f"line, {_CHOICE_FORMAT}")
     return examples
 
 
@@ -126,21 +196,43 @@ def _choice_loglik(cfg, params, tokens_BS, seg_BS, score_BS, codes_BS):
 def _rows(examples, tokenizer, bos: bool):
     """Per (example, choice): context ids, choice ids."""
     prefix = [tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []
+    def encode(text: str, where: str) -> list[int]:
+        try:
+            return tokenizer.encode(text)
+        except (KeyError, ValueError) as err:
+            raise ChoiceTaskError(f"{where}: {err}; the task must use the model's tokenizer "
+                                  f"({type(tokenizer).__name__})") from None
+
     for e, ex in enumerate(examples):
-        ctx = prefix + tokenizer.encode(ex["context"])
+        ctx = prefix + encode(ex["context"], f"example {e} context")
         if not ctx:
-            raise ValueError(f"example {e}: empty context and no BOS token; give a context")
+            raise ChoiceTaskError(f"example {e}: empty context and no BOS token; give a context")
         for c, choice in enumerate(ex["choices"]):
-            cont = tokenizer.encode(choice)
+            cont = encode(choice, f"example {e} choice {c}")
             if not cont:
-                raise ValueError(f"example {e} choice {c}: empty continuation")
+                raise ChoiceTaskError(f"example {e} choice {c}: empty continuation")
             yield e, c, ctx, cont
 
 
 def score_choices(cfg: ModelConfig, params: Any, examples: Sequence[dict], tokenizer, *,
-                  key: jax.Array, z_samples: int = 4, batch_size: int = 32, bos: bool = True
-                  ) -> dict[str, Any]:
-    """Log-likelihood of every choice (sum and per-token), accuracy and length-normalised accuracy."""
+                  key: jax.Array, z_samples: int = 4, batch_size: int = 32, bos: bool = True,
+                  mesh: Mesh | None = None) -> dict[str, Any]:
+    """Log-likelihood of every choice (sum and per-token), accuracy and length-normalised accuracy.
+    With ``mesh``, rows are sharded over its batch axes (``batch_size`` rounded up to a multiple
+    of them) and the model runs under its logical-axis rules."""
+    if not examples:
+        raise ChoiceTaskError("no examples to score")
+    if z_samples < 1:
+        raise ValueError(f"z_samples={z_samples}: must be >= 1")
+    if mesh is not None:
+        n = mesh.shape["data"] * mesh.shape["fsdp"]
+        batch_size = -(-batch_size // n) * n
+    put = jnp.asarray if mesh is None else functools.partial(shard_lib.put_replicated_rows, mesh=mesh)
+    with _mesh_scope(mesh):
+        return _score_choices(cfg, params, examples, tokenizer, key, z_samples, batch_size, bos, put)
+
+
+def _score_choices(cfg, params, examples, tokenizer, key, z_samples, batch_size, bos, put):
     rows = list(_rows(examples, tokenizer, bos))
     loglik = np.zeros((len(rows), z_samples))
     n_tok = np.array([len(r[3]) for r in rows], np.float64)
@@ -161,17 +253,17 @@ def score_choices(cfg: ModelConfig, params: Any, examples: Sequence[dict], token
             tokens[i, :len(c) + len(x)] = c + x
             seg[i, :len(c) + len(x)] = 1
             score[i, len(c):len(c) + len(x)] = 1
-        example_ids = jnp.asarray([r[0] for r in chunk], jnp.int32)  # same Z draws for all choices
+        example_ids = put(np.asarray([r[0] for r in chunk], np.int32))  # same Z for all choices
+        ctx, ctx_seg, tokens, seg, score = map(put, (ctx, ctx_seg, tokens, seg, score))
         for s in range(z_samples):
             k = jax.random.fold_in(key, s)
-            ctx_codes, _ = context_posterior(cfg, params, jnp.asarray(ctx), jnp.asarray(ctx_seg),
-                                             jax.random.fold_in(k, 0), example_ids)
+            ctx_codes, _ = context_posterior(cfg, params, ctx, ctx_seg, jax.random.fold_in(k, 0),
+                                             example_ids)
             prior = latent_lib.prior_codes(jax.random.fold_in(k, 1), (batch_size, ls),
                                            cfg.latent_bits, example_ids)
-            codes = prior.at[:, :lc].set(jnp.where(jnp.asarray(ctx_seg) > 0, ctx_codes, prior[:, :lc]))
-            ll = _choice_loglik(cfg, params, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(score),
-                                codes)
-            loglik[start:start + len(chunk) - pad, s] = np.asarray(ll)[:len(chunk) - pad]
+            codes = prior.at[:, :lc].set(jnp.where(ctx_seg > 0, ctx_codes, prior[:, :lc]))
+            ll = _choice_loglik(cfg, params, tokens, seg, score, codes)
+            loglik[start:start + len(chunk) - pad, s] = shard_lib.to_host(ll)[:len(chunk) - pad]
     # average the probability over Z draws
     ll = np.logaddexp.reduce(loglik, axis=1) - math.log(z_samples)
     per_example: list[dict[str, Any]] = [{"loglik": [], "loglik_per_token": []} for _ in examples]

@@ -1,4 +1,5 @@
-"""Parameter counts (from ``jax.eval_shape``, nothing allocated) and, for issue 3, analytic FLOPs."""
+"""Parameter counts (from ``jax.eval_shape``, nothing allocated) and analytic FLOPs (BUILD_NOTES.md,
+"FLOPs and MFU")."""
 
 from __future__ import annotations
 

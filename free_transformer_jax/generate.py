@@ -1,4 +1,4 @@
-"""Sampling with a fixed-shape KV cache (SPEC section 4).
+"""Sampling with a fixed-shape KV cache (BUILD_NOTES.md, "Evaluation and generation").
 
 * Prompt prefill runs the encoder on the prompt (non-causal over the prompt only) and SAMPLES the
   prompt's Z from it; the injection block's keys/values for the prompt enter the cache with it.
@@ -14,6 +14,7 @@ decodes at the same cache slot; RoPE positions count real tokens only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Sequence
@@ -21,9 +22,12 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model import latent as latent_lib
 from free_transformer_jax.model.config import ModelConfig
+from free_transformer_jax.model.layers import constrain
 from free_transformer_jax.model.transformer import FreeTransformer, init_cache
 
 
@@ -45,6 +49,29 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k}: must be >= 0")
+
+
+class PromptError(ValueError):
+    """A prompt the checkpoint's tokenizer cannot encode; the message names the prompt."""
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], bos: bool = True) -> list[list[int]]:
+    """Token ids of each prompt (BOS first when ``bos`` and the tokenizer has one); a prompt with
+    characters outside the tokenizer's alphabet, or an empty one with no BOS, is a
+    :class:`PromptError` naming it."""
+    prefix = [tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []
+    out = []
+    for i, p in enumerate(prompts):
+        try:
+            ids = prefix + tokenizer.encode(p)
+        except (KeyError, ValueError) as e:
+            raise PromptError(f"prompt {i} {p!r}: {e}; use only what the checkpoint's tokenizer "
+                              f"encodes ({tokenizer!r})") from None
+        if not ids:
+            raise PromptError(f"prompt {i} is empty and the tokenizer has no BOS token; give at "
+                              "least one character")
+        out.append(ids)
+    return out
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -76,6 +103,21 @@ def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits_BV
 
 
+def _constrain_cache(cache: dict[str, Any]) -> dict[str, Any]:
+    """Lays the KV cache out like the activations it stores (batch over the batch axes, KV heads
+    over tensor) under a mesh; a no-op without one."""
+    def one(path, x):
+        name = jax.tree_util.keystr(path)
+        if x.ndim == 5:  # (layers, B, L, kv_heads, head_dim)
+            return constrain(x, ("layers", "act_batch", "act_seq", "act_kv_heads", None))
+        if x.ndim == 4:  # the injection block's (B, L, kv_heads, head_dim)
+            return constrain(x, ("act_batch", "act_seq", "act_kv_heads", None))
+        if x.ndim == 2 and "segment_ids" in name:
+            return constrain(x, ("act_batch", "act_seq"))
+        return x
+    return jax.tree_util.tree_map_with_path(one, cache)
+
+
 def _sample_tokens(key, logits_BV, step, sc: SamplingConfig):
     logits_BV = logits_BV.astype(jnp.float32)
     if sc.temperature == 0:
@@ -93,7 +135,7 @@ def _generate(params, prompt_BP, seg_BP, z_groups_B, z_key, token_key, *, cfg: M
     b, p = prompt_BP.shape
     total = p + sc.max_new_tokens
     positions = jnp.maximum(jnp.cumsum(seg_BP, axis=1) - 1, 0).astype(jnp.int32)
-    cache = init_cache(cfg, b, total)
+    cache = _constrain_cache(init_cache(cfg, b, total))
     # prefill: the encoder runs on the prompt and Z is sampled from its posterior (or, with
     # prompt_z="prior", the prompt's Z is uniform like every later position's)
     latent = "posterior" if prompt_z == "encoder" else "prior"
@@ -143,18 +185,22 @@ def _generate(params, prompt_BP, seg_BP, z_groups_B, z_key, token_key, *, cfg: M
 
 def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], sc: SamplingConfig, *,
              z_key: jax.Array, token_key: jax.Array, z_groups: Sequence[int] | None = None,
-             return_logits: bool = False, prompt_z: str = "encoder") -> dict[str, Any]:
+             return_logits: bool = False, prompt_z: str = "encoder", mesh: Mesh | None = None
+             ) -> dict[str, Any]:
     """Samples continuations of ``prompts`` (lists of token ids).
 
     z_groups: one id per prompt; prompts with the same id share Z (prompt Z and every new Z), the
       paper's shared-Z groups. Default: every row its own group (independent Z).
-    prompt_z: ``"encoder"`` (default, SPEC section 4: the prompt's Z is sampled from the encoder
+    prompt_z: ``"encoder"`` (default, the paper's generation: the prompt's Z is sampled from the encoder
       run on the prompt) or ``"prior"`` (the whole Z_1..Z_T uniform, e.g. for a prompt that says
       nothing about what follows, as in the synthetic task).
     Returns a dict with ``tokens`` (B, P + max_new) left-padded prompts + continuations,
     ``new_tokens`` (list per row, cut after a stop token), ``codes`` (B, P + max_new) the Z code of
     every slot (the last slot has none), ``prompt_len`` P, and with ``return_logits`` the per-step
     next-token ``logits`` (B, max_new, V).
+    mesh: run under this mesh (e.g. the one :func:`checkpoint.load_model` restored ``params``
+      onto): rows are sharded over its batch axes, padded to a multiple of them with rows of their
+      own Z groups (a row's noise depends only on its group and index, so padding changes nothing).
     """
     prompt, seg = left_pad(prompts, sc.pad_id)
     b = prompt.shape[0]
@@ -163,10 +209,22 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], sc
         raise ValueError(f"z_groups has shape {groups.shape}; expected one id per prompt ({b},)")
     if prompt_z not in ("encoder", "prior"):
         raise ValueError(f"prompt_z={prompt_z!r}: expected 'encoder' or 'prior'")
-    tokens, codes, logits, n = _generate(params, jnp.asarray(prompt), jnp.asarray(seg),
-                                         jnp.asarray(groups), z_key, token_key, cfg=cfg, sc=sc,
-                                         return_logits=return_logits, prompt_z=prompt_z)
-    tokens, codes, n = np.asarray(tokens), np.asarray(codes), int(n)
+    put, scope = jnp.asarray, contextlib.nullcontext()
+    if mesh is not None:
+        n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+        extra = -b % n_batch
+        if extra:
+            prompt = np.concatenate([prompt, np.repeat(prompt[-1:], extra, axis=0)])
+            seg = np.concatenate([seg, np.repeat(seg[-1:], extra, axis=0)])
+            groups = np.concatenate([groups, groups.max() + 1 + np.arange(extra, dtype=np.int32)])
+        put = functools.partial(shard_lib.put_replicated_rows, mesh=mesh)
+        scope = shard_lib.mesh_context(mesh)
+    with scope:
+        tokens, codes, logits, n = _generate(params, put(prompt), put(seg), put(groups), z_key,
+                                             token_key, cfg=cfg, sc=sc, return_logits=return_logits,
+                                             prompt_z=prompt_z)
+    tokens, codes, n = shard_lib.to_host(tokens)[:b], shard_lib.to_host(codes)[:b], int(n)
+    seg = seg[:b]
     p = prompt.shape[1]
     new = []
     for row in tokens[:, p:p + n]:
@@ -179,5 +237,5 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], sc
     result = {"tokens": tokens, "codes": codes, "new_tokens": new, "prompt_len": p,
               "segment_ids": seg}
     if return_logits:
-        result["logits"] = np.asarray(logits)
+        result["logits"] = shard_lib.to_host(logits)[:b]
     return result

@@ -12,13 +12,13 @@ from it is an error, not a silent replication.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -186,3 +186,19 @@ def mesh_context(mesh: Mesh):
     """The context every sharded computation runs in: the mesh and the logical-axis rules."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         yield
+
+
+def put_replicated_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array that every process holds whole (e.g. tokenized prompts), sharded over the
+    mesh's batch axes along its leading dimension: each device takes its rows of it."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda idx: x[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) sharded array as numpy, on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -3,8 +3,10 @@
     python launch/count_params.py --config=configs/8b.py
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from common import run  # launch/common.py: one-line errors shared by the launchers
 
 from free_transformer_jax.flops import param_counts
 from free_transformer_jax.model.config import ModelConfig
@@ -27,4 +29,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    run(main)

@@ -1,30 +1,49 @@
 """The paper's synthetic experiment (Figures 3-4): train a kappa sweep plus the baseline, then
-generate groups with independent and with shared Z and measure what Z learned.
+generate groups with independent and with shared Z and measure what Z learned, with bootstrap
+intervals.
 
     python launch/synthetic_sweep.py --outdir=outputs/synthetic_sweep
 
 For each kappa in --kappas (bits per token) and the baseline, for each seed: train
-configs/synthetic.py (resuming if the run exists), evaluate KL/CE, then for --prompts random
-prompts generate one group with independent Z and --shared_groups groups with one shared Z
-(each --group_size sequences). Writes results.json, results.md and figure.png into --outdir.
-Interrupted? Run the same command again: finished models are read back, a model in training
-resumes from its last checkpoint.
+configs/synthetic.py (resuming if the run exists), evaluate KL/CE/ELBO, probe the posterior, then
+for --prompts random prompts generate one group with independent Z and --shared_groups groups with
+one shared Z (each --group_size sequences). Writes results.json (every generated sample of every
+seed), results.md and figure.png into --outdir. Interrupted? Run the same command again: finished
+models are read back, a model in training resumes from its last checkpoint (a run directory
+refuses to resume under a different training config). Runs on whatever JAX
+platform is present (CPU or GPU).
+
+    python launch/synthetic_sweep.py --rescore=docs/synthetic_sweep/results.json \
+        --outdir=docs/synthetic_sweep
+
+re-analyses a stored results.json (this format, or the first sweep's) with the current metrics
+and statistics, without training.
 """
 
 import fractions
 import json
+import math
 import os
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from common import run  # launch/common.py: one-line errors shared by the launchers
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Base config.",
                                           lock_config=True)
 _OUTDIR = flags.DEFINE_string("outdir", "outputs/synthetic_sweep", "Runs, tables and the figure.")
 _KAPPAS = flags.DEFINE_list("kappas", ["0.015625", "0.125", "1", "8"], "kappa in bits per token.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Training seeds.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 _BASELINE = flags.DEFINE_bool("baseline", True, "Also train the baseline (latent off).")
+_LATENT_BITS_FOR = flags.DEFINE_list(
+    "latent_bits_for", ["8:16"],
+    "kappa:H pairs overriding config.model.latent_bits for that kappa. The KL of H bits never "
+    "exceeds H bits, so a kappa >= H leaves the model with no KL term (its rows are labelled so).")
+_CODE_CHUNK = flags.DEFINE_integer(
+    "code_chunk", 4096, "config.model.latent_code_chunk for models with more codes than this "
+    "(the fused backward then never holds a tokens x 2^H tensor whole; H = 16 stays affordable).")
 _PROMPTS = flags.DEFINE_integer("prompts", 6, "Random prompts per model.")
 _SHARED = flags.DEFINE_integer("shared_groups", 3, "Shared-Z groups per prompt.")
 _GROUP = flags.DEFINE_integer("group_size", 8, "Sequences per group.")
@@ -34,12 +53,24 @@ _PROMPT_Z = flags.DEFINE_enum("prompt_z", "prior", ["prior", "encoder"],
                               "Z of the 2-token prompt: uniform like the rest of Z_1..Z_T (the "
                               "paper's 'Z sampled' groups), or sampled from the encoder run on the "
                               "prompt alone (the general prefill protocol).")
+_RESCORE = flags.DEFINE_string("rescore", "", "Re-analyse this stored results.json (no training).")
+_COMPARE = flags.DEFINE_string(
+    "compare_to", "", "A stored results.json (e.g. the ablations' base): results.md then also "
+    "gives this sweep's differences from it with 95% bootstrap intervals.")
+_RUNS_DIR = flags.DEFINE_string(
+    "runs_dir", "", "Where the trained models live (default: <outdir>/runs). Sweeps that differ only "
+    "in generation settings (--temperature, --prompt_z, --prompts, ...) can share it: each keeps "
+    "its own cached samples, and no model is trained twice.")
 
-METRICS = ("pos_agree_shared", "pos_agree_indep", "noise_agree_shared", "noise_agree_indep",
-           "validity", "kl_bits", "ce_posterior", "ce_prior")
-# What Z encodes: the posterior's cross-entropy on each kind of target (see write_table).
-PROBE = ("ce_bang_posterior", "ce_letter_posterior", "ce_underscore_posterior", "corr_noise",
-         "corr_before_run")
+GEN_COLUMNS = (("pos_agree_shared", "pos. agreement shared Z"), ("pos_agree_indep", "indep. Z"),
+               ("pos_excess", "excess"), ("noise_agree_shared", "`!` overlap shared Z"),
+               ("noise_agree_indep", "indep. Z"), ("noise_excess", "excess"),
+               ("target_rate", "has a target"), ("validity", "validity"))
+EVAL_COLUMNS = (("kl_bits", "KL bits/token"), ("ce_posterior", "CE posterior"),
+                ("elbo", "ELBO = CE + KL (nats)"), ("ce_prior", "CE prior Z"))
+PROBE = (("ce_bang_posterior", "CE on `!` targets"), ("ce_letter_posterior", "CE on letter targets"),
+         ("ce_underscore_posterior", "CE on `_` targets"), ("corr_noise", "bit vs `!`"),
+         ("corr_start", "bit vs run start"))
 
 
 def kappa_name(k: float | None) -> str:
@@ -49,10 +80,28 @@ def kappa_name(k: float | None) -> str:
     return frac.get(k, f"{k:g}") + " bit"
 
 
+def model_label(k: float | None, h: int | None) -> str:
+    """The row name: kappa, H, and "no KL term" when the KL (at most H bits) cannot exceed kappa."""
+    if k is None:
+        return "baseline"
+    return f"{kappa_name(k)}, H={h}" + (" (no KL term)" if h <= k else "")
+
+
+def latent_bits_for(overrides: list[str]) -> dict[float, int]:
+    out = {}
+    for item in overrides:
+        try:
+            k, h = item.split(":")
+            out[float(fractions.Fraction(k))] = int(h)
+        except ValueError:
+            raise app.UsageError(f"--latent_bits_for={item!r}: expected kappa:H, e.g. 8:16") from None
+    return out
+
+
 def probe(cfg, params, config, seed, n_records=512):
-    """Posterior cross-entropy by kind of target on ``n_records`` validation records: how much Z
-    tells the decoder about the noise (`!` targets: ln 16 = 2.773 without Z) and the run (letter
-    targets)."""
+    """Posterior cross-entropy by kind of target on ``n_records`` validation records (how much Z
+    tells the decoder about the noise, `!` targets: ln 16 = 2.773 without Z, and the run, letter
+    targets), and :func:`synthetic_metrics.latent_probe` of the posterior's bit probabilities."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -75,30 +124,36 @@ def probe(cfg, params, config, seed, n_records=512):
     logp, bits = apply(params, jnp.asarray(ids[:, :-1]), jax.random.key(4000 + seed))
     nll = -np.take_along_axis(np.asarray(logp), ids[:, 1:, None], axis=-1)[..., 0]
     out = {f"ce_{k}_posterior": v for k, v in sm.ce_by_class(nll, ids[:, 1:]).items()}
-    corr = (sm.latent_feature_corr(np.asarray(bits), ids[:, 1:], np.array([r.start for r in records]))
-            if bits is not None else {"noise": None, "before_run": None})
+    corr = (sm.latent_probe(np.asarray(bits), ids[:, 1:], np.array([r.start for r in records]))
+            if bits is not None else {"noise": None, "start": None})
     return {**out, **{f"corr_{k}": v for k, v in corr.items()}}
 
 
-def run_model(base, kappa, seed, run_dir):
-    """Train (or resume), evaluate, generate the groups; returns metrics and the groups' strings."""
-    import jax
-    import numpy as np
-
-    from free_transformer_jax import data as data_lib
-    from free_transformer_jax import evaluate as eval_lib
-    from free_transformer_jax import synthetic_metrics as sm
-    from free_transformer_jax.checkpoint import load_model
-    from free_transformer_jax.data import synthetic
-    from free_transformer_jax.generate import SamplingConfig, generate
-    from free_transformer_jax.trainer import train
-
+def model_config(base, kappa, h, seed):
     config = base.copy_and_resolve_references()
     with config.unlocked():
         config.train.seed = seed
         config.model.latent = kappa is not None
         if kappa is not None:
             config.model.kappa_bits = kappa
+            config.model.latent_bits = h
+            if 2 ** h > _CODE_CHUNK.value:
+                config.model.latent_code_chunk = _CODE_CHUNK.value
+    return config
+
+
+def run_model(config, seed, run_dir):
+    """Train (or resume), evaluate, probe, generate the groups; returns (metrics, groups)."""
+    import jax
+    import numpy as np
+
+    from free_transformer_jax import data as data_lib
+    from free_transformer_jax import evaluate as eval_lib
+    from free_transformer_jax.checkpoint import load_model
+    from free_transformer_jax.data import synthetic
+    from free_transformer_jax.generate import SamplingConfig, generate
+    from free_transformer_jax.trainer import train
+
     train(config, run_dir)
     _, cfg, params, _ = load_model(run_dir)
     batches = data_lib.make_iterator(config, "eval", batch_size=config.train.batch_size, seed=0)
@@ -121,57 +176,147 @@ def run_model(base, kappa, seed, run_dir):
     out = generate(cfg, params, rows, sc, z_key=jax.random.key(2000 + seed),
                    token_key=jax.random.key(3000 + seed), z_groups=groups, prompt_z=_PROMPT_Z.value)
     texts = [synthetic.decode(list(r) + list(n)) for r, n in zip(rows, out["new_tokens"])]
-    by_group = {(p, g): texts[i:i + _GROUP.value] for p, g, i in layout}
-    shared = [v for (p, g), v in by_group.items() if g]
-    indep = [v for (p, g), v in by_group.items() if not g]
-    metrics = {
-        "pos_agree_shared": sm.mean_or_none(sm.position_agreement(s) for s in shared),
-        "pos_agree_indep": sm.mean_or_none(sm.position_agreement(s) for s in indep),
-        "noise_agree_shared": sm.mean_or_none(sm.noise_agreement(s) for s in shared),
-        "noise_agree_indep": sm.mean_or_none(sm.noise_agreement(s) for s in indep),
-        "validity": sm.validity(texts),
-        "kl_bits": ev.get("kl_bits", 0.0),
-        "ce_posterior": ev.get("ce_posterior", ev.get("ce")),
-        "ce_prior": ev.get("ce_prior", ev.get("ce")),
-        **probe(cfg, params, config, seed),
-    }
-    return metrics, {f"{p}/{g}": v for (p, g), v in by_group.items()}
+    ce = ev.get("ce_posterior", ev.get("ce"))
+    metrics = {"kl_bits": ev.get("kl_bits", 0.0), "ce_posterior": ce,
+               "elbo": ev.get("elbo", ce), "ce_prior": ev.get("ce_prior", ce),
+               **probe(cfg, params, config, seed)}
+    return metrics, {f"{p}/{g}": texts[i:i + _GROUP.value] for p, g, i in layout}
 
 
-def fmt(x, std=None):
-    if x is None:
-        return "n/a"
-    return f"{x:.3f}" if std is None else f"{x:.3f} ± {std:.3f}"
+# Fields that do not change what a run trains, so a run may resume under other values.
+_BOOKKEEPING = {"train": ("log_every", "ckpt_every", "keep_ckpts", "async_ckpt", "eval_every",
+                          "profile_steps"),
+                "data": ("num_workers", "prefetch", "read_threads", "read_buffer"),
+                "model": ("latent_code_chunk", "latent_token_chunk", "attention_chunk", "remat_policy"),
+                "mesh": ("data", "fsdp", "tensor", "dcn_data")}
 
 
-def write_table(outdir, summary, checks=()):
-    def rows(metrics):
-        return [f"| {name} | " + " | ".join(fmt(s[m]["mean"], s[m]["std"]) for m in metrics) + " |"
-                for name, s in summary.items()]
+def check_run_config(run_dir, config):
+    """A run directory holds one training setup: refuse to resume it under another config (the
+    trainer writes config.json there), naming the fields that differ."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    new = json.loads(json.dumps(config.to_dict()))
+    diff = [f"{sec}.{k}" for sec in sorted(set(old) | set(new))
+            for k in sorted(set(old.get(sec, {})) | set(new.get(sec, {})))
+            if k not in _BOOKKEEPING.get(sec, ()) and old.get(sec, {}).get(k) != new.get(sec, {}).get(k)]
+    if diff:
+        raise app.UsageError(f"{run_dir} was trained with other values of {', '.join(diff)}; use "
+                             "another --outdir/--runs_dir for this setup")
 
-    lines = ["| model | pos. agreement shared Z | pos. agreement indep. Z | `!` overlap shared Z "
-             "| `!` overlap indep. Z | validity | KL bits/token | CE posterior | CE prior |",
-             "|---|---|---|---|---|---|---|---|---|", *rows(METRICS)]
-    lines += ["", "What Z encodes: the posterior's cross-entropy (nats) on each kind of target, "
-              "validation records. Without Z a `!` costs ln 16 = 2.773 nats wherever it is; a "
-              "model that knows the noise from Z drives it toward 0.", "",
-              "The last two columns: the largest |correlation| over the latent bits between a bit's "
-              "posterior probability at t and whether the target at t is a `!`, or lies before the "
-              "run.", "",
-              "| model | CE on `!` targets | CE on letter targets | CE on `_` targets "
-              "| bit vs `!` | bit vs before-run |",
-              "|---|---|---|---|---|---|", *rows(PROBE)]
-    if checks:
-        lines += ["", "The paper's ordering (seed means; thresholds in `synthetic_metrics.py`):", ""]
-        lines += [f"- {'PASS' if c['ok'] else 'FAIL'}: {c['check']}: {c['detail']}" for c in checks]
+
+def fmt(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+# Report ---------------------------------------------------------------------------------------------
+def analyse(models, stream=0):
+    """Bootstrap estimates per model (``synthetic_metrics.analyse_model``) and the checks. Every
+    model, and every sweep compared with another (``stream``), draws its own random stream."""
+    from free_transformer_jax import synthetic_metrics as sm
+
+    analyses = {}
+    for i, (name, m) in enumerate(models.items()):
+        analyses[name] = sm.analyse_model({int(s): g for s, g in m["samples"].items()},
+                                          {int(s): r for s, r in m["runs"].items()},
+                                          seed=1000 * stream + i)
+    by_kappa = {m["kappa_bits"]: analyses[name] for name, m in models.items()}
+    bits = {m["kappa_bits"]: m["latent_bits"] for m in models.values() if m["kappa_bits"] is not None}
+    return analyses, sm.paper_ordering(by_kappa, bits)
+
+
+def write_table(outdir, models, analyses, checks, provenance):
+    from free_transformer_jax import synthetic_metrics as sm
+
+    def label(name):
+        m = models[name]
+        return model_label(m["kappa_bits"], m["latent_bits"])
+
+    def seeds(name, key):
+        return ",".join(str(s) for s in sorted(models[name][key], key=int)) or "none"
+
+    goals = [c for c in checks if c["kind"] == "goal"]
+    missed = [c["check"] for c in goals if not c["ok"]]
+    if goals:
+        provenance = [*provenance, "", f"Goals met: {len(goals) - len(missed)} of {len(goals)}"
+                      + (f"; not met: {'; '.join(missed)}." if missed else ".")]
+    lines = [*provenance, "",
+             "Every `a ± b` is the seed mean ± its bootstrap standard error: replicates resample "
+             "the seeds, then the Z groups within each seed (a group's sequences share a prompt "
+             "and, for shared Z, one Z, so they are not independent samples). Checks use 95% "
+             "percentile intervals of the same bootstrap. Target position = start of the 8-window "
+             "of the prompt letter and `!` holding at least 3 consecutive letters (most letters, "
+             "leftmost); a sequence with no such window agrees with nothing. `excess` = shared "
+             "minus independent Z, resampled together within a seed.", "",
+             "| model | seeds | " + " | ".join(c for _, c in GEN_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(GEN_COLUMNS)]
+    for name, a in analyses.items():
+        lines.append(f"| {label(name)} | {seeds(name, 'samples')} | "
+                     + " | ".join(sm.fmt_boot(a["all"].get(m)) for m, _ in GEN_COLUMNS) + " |")
+    lines += ["", "Likelihoods on validation batches (per token; the spread is over seeds only). "
+              "CE posterior uses the encoder's Z and is not comparable to the baseline's CE; the "
+              "ELBO (CE posterior + KL) bounds -log p and is; CE prior draws Z uniformly as in "
+              "generation.", "",
+              "| model | seeds | " + " | ".join(c for _, c in EVAL_COLUMNS) + " |",
+              "|---|---|" + "---|" * len(EVAL_COLUMNS)]
+    for name, a in analyses.items():
+        lines.append(f"| {label(name)} | {seeds(name, 'runs')} | "
+                     + " | ".join(sm.fmt_boot(a["all"].get(m)) for m, _ in EVAL_COLUMNS) + " |")
+    lines += ["", "What Z encodes (512 validation records; seed mean, then each seed). CE in nats "
+              "by kind of target: without Z a `!` costs ln 16 = 2.773 wherever it is. bit vs "
+              "X: the largest, over the latent bits, of the |correlation| between the bit's "
+              "posterior probability and the fact, computed within each position across records "
+              "and averaged over positions (a bit that depends on the position alone scores 0; "
+              "one independent of the fact about 0.035).", "",
+              "| model | " + " | ".join(c for _, c in PROBE) + " |", "|---|" + "---|" * len(PROBE)]
+    for name, m in models.items():
+        cells = []
+        for key, _ in PROBE:
+            vals = [m["runs"][s].get(key) for s in sorted(m["runs"], key=int)]
+            if m["kappa_bits"] is None and key.startswith("corr"):
+                cells.append("n/a")
+            elif not vals or any(v is None for v in vals):
+                cells.append("not recomputed" if key.startswith("corr") else "n/a")
+            else:
+                cells.append(f"{sum(vals) / len(vals):.3f} ({', '.join(f'{v:.3f}' for v in vals)})")
+        lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
+    old = {n: m for n, m in models.items() if any("old_metrics" in r for r in m["runs"].values())}
+    if old:
+        lines += ["", "As recorded by the first sweep, per seed (old definitions: target = first "
+                  "occurrence of the letter, validity without the 3-letter run; only seed "
+                  f"{seeds(next(iter(old)), 'samples')}'s samples were stored, so the other seeds "
+                  "cannot be re-scored):", "",
+                  "| model | " + " | ".join(f"{c} (old)" for _, c in (GEN_COLUMNS[0], GEN_COLUMNS[1],
+                                                                   GEN_COLUMNS[3], GEN_COLUMNS[4],
+                                                                   GEN_COLUMNS[7])) + " |",
+                  "|---|---|---|---|---|---|"]
+        for name, m in old.items():
+            cells = []
+            for key in ("pos_agree_shared", "pos_agree_indep", "noise_agree_shared",
+                        "noise_agree_indep", "validity"):
+                cells.append(" / ".join(f"{m['runs'][s]['old_metrics'][key]:.3f}"
+                                        for s in sorted(m["runs"], key=int)))
+            lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
+    for kind, title in (("ordering", "The paper's ordering"),
+                        ("goal", "The strength the paper's Figure 4 shows (the targets of the re-run)")):
+        sel = [c for c in checks if c["kind"] == kind]
+        if sel:
+            lines += ["", f"{title} (95% bootstrap intervals; thresholds in `synthetic_metrics.py`):", ""]
+            lines += [f"- {'PASS' if c['ok'] else 'FAIL'}: {c['check']}: {c['detail']}" for c in sel]
+    text = "\n".join(lines) + "\n"
     with open(os.path.join(outdir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return "\n".join(lines)
+        f.write(text)
+    return text
 
 
-def draw_figure(path, samples, n_groups=3):
-    """Rows of generated sequences per group, one panel per model (seed 0, first prompt):
-    prompt letter blue, other letters orange, '!' black, '_' white."""
+def draw_figure(path, models, analyses, prompt="0"):
+    """The paper's layout: per model one row, three panels (the first prompt's independent-Z group
+    and two shared-Z groups, first seed with samples); the target (the window the position metric
+    counts) blue, other prompt letters light blue, `!` black, `_` white, other letters orange. The
+    bottom panel: shared- and independent-Z position agreement and `!` overlap with 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,91 +324,250 @@ def draw_figure(path, samples, n_groups=3):
     import numpy as np
     from matplotlib.colors import ListedColormap
 
-    cmap = ListedColormap(["white", "#1f5fbf", "#f08c00", "black", "#bbbbbb"])
-    names = list(samples)
-    fig, axes = plt.subplots(len(names), 1, figsize=(11, 2.4 * len(names)), squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        groups = [samples[name][k] for k in sorted(samples[name]) if k.startswith("0/")][:n_groups]
-        rows = []
-        for gi, grp in enumerate(groups):
-            for seq in grp:
-                letter = seq[0]
-                rows.append([0 if c == "_" else 1 if c == letter else 3 if c == "!" else
-                             4 if c == ">" else 2 for c in seq[:66]])
-            if gi < len(groups) - 1:
-                rows.append([0] * 66)
-        ax.imshow(np.array(rows), cmap=cmap, vmin=0, vmax=4, aspect="auto", interpolation="nearest")
-        ax.set_yticks([])
-        ax.set_xticks([0, 2, 18, 34, 50, 65])
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=11)
-        ax.set_title("independent Z  |  shared Z  |  shared Z   (groups top to bottom)", fontsize=8,
-                     loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from free_transformer_jax import synthetic_metrics as sm
+
+    cmap = ListedColormap(["white", "#1f5fbf", "#9ecae1", "black", "#bbbbbb", "#f08c00"])
+
+    def colours(seq):
+        start = sm.target_position(seq)
+        row = []
+        for i, c in enumerate(seq[:66]):
+            j = i - sm.PROMPT
+            if i < sm.PROMPT:
+                row.append(4)
+            elif c == "_":
+                row.append(0)
+            elif c == "!":
+                row.append(3)
+            elif c == seq[0]:
+                row.append(1 if start is not None and start <= j < start + sm.RUN else 2)
+            else:
+                row.append(5)
+        return row + [0] * (66 - len(row))
+
+    names = list(models)
+    fig = plt.figure(figsize=(13, 1.9 * len(names) + 3.2))
+    grid = fig.add_gridspec(len(names) + 1, 3, height_ratios=[1] * len(names) + [1.6], hspace=0.6)
+    for r, name in enumerate(names):
+        m, a = models[name], analyses[name]["all"]
+        seeds = sorted(m["samples"], key=int)
+        label = model_label(m["kappa_bits"], m["latent_bits"])
+        if not seeds:
+            continue
+        groups = m["samples"][seeds[0]]
+        keys = [f"{prompt}/{g}" for g in range(3) if f"{prompt}/{g}" in groups]
+        for c, key in enumerate(keys):
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(np.array([colours(s) for s in groups[key]]), cmap=cmap, vmin=0, vmax=5,
+                      aspect="auto", interpolation="nearest")
+            ax.set_yticks([])
+            ax.set_xticks([2, 34, 65])
+            ax.tick_params(labelsize=7)
+            ax.set_title(("independent Z" if key.endswith("/0") else "shared Z")
+                         + (f"   [{label}, seed {seeds[0]}]" if c == 0 else ""), fontsize=8, loc="left")
+        pos, noise = a.get("pos_agree_shared"), a.get("noise_agree_shared")
+        pi, ni = a.get("pos_agree_indep"), a.get("noise_agree_indep")
+        fig.text(0.91, 1 - (r + 0.5) / (len(names) + 1.6), "mean ± s.e.\nposition agreement\nshared "
+                 f"{sm.fmt_boot(pos)}\nindep. {sm.fmt_boot(pi)}\n'!' overlap\nshared {sm.fmt_boot(noise)}"
+                 f"\nindep. {sm.fmt_boot(ni)}", fontsize=6.5, va="center")
+    ax = fig.add_subplot(grid[len(names), :])
+    x = np.arange(len(names))
+    for off, metric, lab, col in ((-0.15, "pos_agree_shared", "position, shared Z", "#1f5fbf"),
+                                  (-0.05, "pos_agree_indep", "position, indep. Z", "#9ecae1"),
+                                  (0.05, "noise_agree_shared", "'!' overlap, shared Z", "black"),
+                                  (0.15, "noise_agree_indep", "'!' overlap, indep. Z", "#888888")):
+        pts = [(i, analyses[n]["all"].get(metric)) for i, n in enumerate(names)]
+        pts = [(i, b) for i, b in pts if b is not None]
+        if pts:
+            lo_hi = np.array([b.interval() for _, b in pts])
+            mid = np.array([b.point for _, b in pts])
+            ax.errorbar([i + off for i, _ in pts], mid, yerr=[mid - lo_hi[:, 0], lo_hi[:, 1] - mid],
+                        fmt="o", color=col, label=lab, capsize=3, ms=4)
+    ax.set_xticks(x, [model_label(models[n]["kappa_bits"], models[n]["latent_bits"]) for n in names],
+                  fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("agreement", fontsize=8)
+    ax.set_title("seed means with 95% bootstrap intervals (seeds, then Z groups within a seed)",
+                 fontsize=8, loc="left")
+    ax.legend(fontsize=7, ncol=4, loc="upper left")
+    fig.subplots_adjust(left=0.05, right=0.9, top=0.97, bottom=0.05)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+COMPARED = ("pos_agree_shared", "pos_excess", "noise_excess", "target_rate", "validity")
+
+
+def compare_lines(models, analyses, reference):
+    """results.md lines: this sweep minus the sweep stored at ``reference`` (an ablation against
+    its base), per model both have, with 95% intervals of the difference."""
+    from free_transformer_jax import synthetic_metrics as sm
+
+    ref_models, _ = load_stored(reference)
+    ref, _ = analyse(ref_models, stream=1)
+    lines = ["", f"Against `{reference}` (this sweep minus that one; 95% interval of the difference; "
+             "0 outside it = the change moved the metric):", "",
+             "| model | " + " | ".join(dict(GEN_COLUMNS).get(m, m) for m in COMPARED) + " |",
+             "|---|" + "---|" * len(COMPARED)]
+    for name in analyses:
+        if name in ref:
+            cells = []
+            for m in COMPARED:
+                a, b = analyses[name]["all"].get(m), ref[name]["all"].get(m)
+                cells.append("n/a" if a is None or b is None else sm.fmt_boot(a - b, interval=True))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(outdir, models, settings, provenance, reference=""):
+    """Analyse ``models`` and write results.json, results.md and figure.png into ``outdir``; with
+    ``reference`` (a stored results.json), also the differences against it."""
+    analyses, checks = analyse(models)
+    if reference and not os.path.exists(reference):  # e.g. the base of an ablation still training
+        print(f"--compare_to={reference}: no such file yet, so results.md has no comparison; run "
+              "the same command again once it exists (nothing is trained again)", flush=True)
+    elif reference:
+        provenance = [*provenance, *compare_lines(models, analyses, reference)]
+    summary = {name: {"all": {m: b.to_dict() for m, b in a["all"].items()},
+                      "per_seed": {str(s): {m: b.to_dict() for m, b in r.items()}
+                                   for s, r in a["per_seed"].items()}}
+               for name, a in analyses.items()}
+    tmp = os.path.join(outdir, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"version": 2, **settings, "models": models, "summary": summary, "checks": checks},
+                  f, indent=1)
+    os.replace(tmp, os.path.join(outdir, "results.json"))
+    text = write_table(outdir, models, analyses, checks, provenance)
+    draw_figure(os.path.join(outdir, "figure.png"), models, analyses)
+    return text
+
+
+def load_stored(path):
+    """(models, settings) from a results.json: this script's format, or the first sweep's (samples
+    of the first seed only, no ELBO, the old probe; its generation metrics kept as
+    ``old_metrics``)."""
+    with open(path) as f:
+        d = json.load(f)
+    if d.get("version") == 2:
+        skip = ("version", "models", "summary", "checks")
+        return d["models"], {k: v for k, v in d.items() if k not in skip}
+    h = d["config"]["model"]["latent_bits"]
+    models = {}
+    for k in [None] + d["kappas_bits"]:
+        name = kappa_name(k)
+        runs = {}
+        for s in d["seeds"]:
+            r = d["runs"][f"{name}/seed{s}"]
+            kl_nats = r["kl_bits"] * math.log(2.0)
+            runs[str(s)] = {"kl_bits": r["kl_bits"], "ce_posterior": r["ce_posterior"],
+                            "elbo": r["ce_posterior"] + kl_nats, "ce_prior": r["ce_prior"],
+                            **{key: r.get(key) for key, _ in PROBE if key.startswith("ce_")},
+                            "corr_noise": None, "corr_start": None,
+                            "old_metrics": {m: r[m] for m in ("pos_agree_shared", "pos_agree_indep",
+                                                              "noise_agree_shared", "noise_agree_indep",
+                                                              "validity")}}
+        models[name] = {"kappa_bits": k, "latent_bits": None if k is None else h,
+                        "samples": {str(d["seeds"][0]): d["samples"][name]}, "runs": runs}
+    settings = {"seeds": d["seeds"], "kappas_bits": d["kappas_bits"], "prompts": d["prompts"],
+                "shared_groups": d["shared_groups"], "group_size": d["group_size"],
+                "config": d["config"],
+                "rescored_from": f"the first sweep's stored results ({path}, "
+                                 f"{d['config']['train']['steps']} steps, seeds "
+                                 f"{', '.join(map(str, d['seeds']))}, H = {h} for every kappa)"}
+    return models, settings
+
+
+def provenance_lines(models, settings, rescored):
+    steps = settings["config"]["train"]["steps"]
+    hs = sorted({m["latent_bits"] for m in models.values() if m["latent_bits"] is not None})
+    gen = sorted({s for m in models.values() for s in m["samples"]}, key=int)
+    ev = sorted({s for m in models.values() for s in m["runs"]}, key=int)
+    lines = [f"# Synthetic sweep: {len(ev)} seed{'s' * (len(ev) != 1)}, {steps} steps, "
+             f"H = {'/'.join(map(str, hs))}", ""]
+    if rescored:
+        lines.append(f"**Re-scored, not re-run**: {settings.get('rescored_from', 'a stored run')} "
+                     "analysed again with the current metrics and statistics; no model was trained.")
+    lines.append(f"Generation metrics from seed(s) {', '.join(gen)} (the seeds whose samples are "
+                 f"stored); likelihoods from seed(s) {', '.join(ev)}.")
+    short = []
+    if len(ev) < 3:
+        short.append(f"{len(ev)} seed{'s' * (len(ev) != 1)}, not the 3 per kappa the protocol asks")
+    if len(gen) < len(ev):
+        short.append("the generation intervals cover Z-group sampling within one seed only, not "
+                     "the seed-to-seed spread (large at 1 bit: see the old per-seed table)")
+    for m in models.values():
+        if m["kappa_bits"] is not None and m["latent_bits"] <= m["kappa_bits"]:
+            short.append(f"the {kappa_name(m['kappa_bits'])} model has H = {m['latent_bits']}, so "
+                         "its KL term never binds (no KL term)")
+    if any(r.get("corr_start") is None for m in models.values() if m["kappa_bits"] is not None
+           for r in m["runs"].values()):
+        short.append("the bit-vs-`!` and bit-vs-run-start probes are not recomputed (they need the "
+                     "checkpoints, which are not stored)")
+    if short:
+        lines += ["", "Limits of this run: " + "; ".join(short) + "."]
+    return lines
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import numpy as np
-    from absl import logging
+    from free_transformer_jax.logs import setup_console_logging
 
-    logging.set_verbosity(logging.WARNING)
+    setup_console_logging()  # Orbax/Grain INFO chatter needs -v=1
     outdir = _OUTDIR.value
     os.makedirs(outdir, exist_ok=True)
+    if _RESCORE.value and not os.path.exists(_RESCORE.value):
+        raise app.UsageError(f"--rescore={_RESCORE.value}: no such file")
+    if _RESCORE.value:
+        models, settings = load_stored(_RESCORE.value)
+        settings.setdefault("rescored_from", _RESCORE.value)
+        print(report(outdir, models, settings, provenance_lines(models, settings, rescored=True),
+                     _COMPARE.value))
+        return
+
+    base = _CONFIG.value
     kappas = [float(fractions.Fraction(k)) for k in _KAPPAS.value]
-    models = ([None] if _BASELINE.value else []) + kappas
+    overrides = latent_bits_for(_LATENT_BITS_FOR.value)
+    specs = ([(None, None)] if _BASELINE.value else []) + [
+        (k, overrides.get(k, base.model.latent_bits)) for k in kappas]
     seeds = [int(s) for s in _SEEDS.value]
-    runs, samples = {}, {}
-    total, t0 = len(models) * len(seeds), time.perf_counter()
-    for i, (seed, kappa) in enumerate((s, k) for s in seeds for k in models):
+    models = {kappa_name(k): {"kappa_bits": k, "latent_bits": h, "samples": {}, "runs": {}}
+              for k, h in specs}
+    total, t0 = len(specs) * len(seeds), time.perf_counter()
+    runs_dir = _RUNS_DIR.value or os.path.join(outdir, "runs")
+    gen_tag = (f"{_PROMPT_Z.value}_T{_TEMPERATURE.value:g}_{_PROMPTS.value}x{1 + _SHARED.value}"
+               f"x{_GROUP.value}_E{_EVAL_BATCHES.value}")
+    for i, (seed, (kappa, h)) in enumerate((s, spec) for s in seeds for spec in specs):
         name = kappa_name(kappa)
         elapsed = time.perf_counter() - t0
         eta = f", ETA {elapsed / i * (total - i) / 60:.0f} min" if i else ""
-        print(f"[{i + 1}/{total}] {name}, seed {seed}{eta}", flush=True)
-        run_dir = os.path.join(outdir, "runs", f"{name.replace('/', '_').replace(' ', '_')}_seed{seed}")
-        done = os.path.join(run_dir, "sweep_result.json")
+        print(f"[{i + 1}/{total}] {model_label(kappa, h)}, seed {seed}{eta}", flush=True)
+        slug = name.replace("/", "_").replace(" ", "_") + ("" if kappa is None else f"_H{h}")
+        run_dir = os.path.abspath(os.path.join(runs_dir, f"{slug}_seed{seed}"))
+        done = os.path.join(run_dir, f"sweep_result_{gen_tag}.json")
+        config = model_config(base, kappa, h, seed)
+        check_run_config(run_dir, config)
         if os.path.exists(done):  # finished in an earlier invocation: the sweep resumes
             with open(done) as f:
-                metrics, groups = json.load(f)
+                result = json.load(f)
         else:
-            metrics, groups = run_model(_CONFIG.value, kappa, seed, run_dir)
-        if any(m not in metrics for m in PROBE):  # finished before the probe existed
-            from free_transformer_jax.checkpoint import load_model
+            metrics, groups = run_model(config, seed, run_dir)
+            result = {"version": 2, "metrics": metrics, "groups": groups}
+            with open(done, "w") as f:
+                json.dump(result, f)
+        models[name]["runs"][str(seed)] = result["metrics"]
+        models[name]["samples"][str(seed)] = result["groups"]
+        print("    " + ", ".join(f"{k} {fmt(v)}" for k, v in result["metrics"].items()), flush=True)
 
-            config, cfg, params, _ = load_model(run_dir)
-            metrics.update(probe(cfg, params, config, seed))
-        with open(done, "w") as f:
-            json.dump([metrics, groups], f)
-        runs[f"{name}/seed{seed}"] = metrics
-        if seed == seeds[0]:
-            samples[name] = groups
-        print("    " + ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items()), flush=True)
-
-    summary = {}
-    for kappa in models:
-        name = kappa_name(kappa)
-        per_seed = [runs[f"{name}/seed{s}"] for s in seeds]
-        summary[name] = {}
-        for m in METRICS + PROBE:
-            vals = [r[m] for r in per_seed if r[m] is not None]
-            summary[name][m] = {"mean": float(np.mean(vals)) if vals else None,
-                                "std": float(np.std(vals)) if vals else None, "per_seed": [r[m] for r in per_seed]}
-    from free_transformer_jax import synthetic_metrics as sm
-
-    checks = sm.paper_ordering({k: {m: v["mean"] for m, v in summary[kappa_name(k)].items()}
-                                for k in models})
-    with open(os.path.join(outdir, "results.json"), "w") as f:
-        json.dump({"summary": summary, "runs": runs, "samples": samples, "seeds": seeds,
-                   "kappas_bits": kappas, "prompts": _PROMPTS.value, "shared_groups": _SHARED.value,
-                   "group_size": _GROUP.value, "checks": checks,
-                   "config": _CONFIG.value.to_dict()}, f, indent=1)
-    print(write_table(outdir, summary, checks))
-    draw_figure(os.path.join(outdir, "figure.png"), samples)
+    settings = {"seeds": seeds, "kappas_bits": kappas, "prompts": _PROMPTS.value,
+                "shared_groups": _SHARED.value, "group_size": _GROUP.value,
+                "temperature": _TEMPERATURE.value, "prompt_z": _PROMPT_Z.value,
+                "config": base.to_dict()}
+    print(report(outdir, models, settings, provenance_lines(models, settings, rescored=False),
+                 _COMPARE.value))
     print(f"wrote {outdir}/results.json, results.md, figure.png "
           f"({(time.perf_counter() - t0) / 60:.1f} min)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

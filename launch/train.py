@@ -4,44 +4,36 @@
     python launch/train.py --config=configs/8b.py --workdir=gs://bucket/run1 \
         --config.model.kappa_bits=0.25 --config.optim.lr=1e-4
 
-Re-running with the same --workdir resumes from its latest checkpoint. On a multi-host pod
-(Cloud TPU, SLURM, or JAX_COORDINATOR_ADDRESS set) the processes are connected with
-jax.distributed.initialize() before anything touches a device.
+Re-running with the same --workdir resumes from its latest checkpoint. Several processes (Cloud
+TPU, SLURM, Open MPI, or --coordinator_address/--num_processes/--process_id and their FTJ_*
+variables) are connected before anything touches a device: see free_transformer_jax/distributed.py.
 """
 
-import os
 import sys
 
-from absl import app, flags, logging
+import jax
+from absl import app, flags
 from ml_collections import config_flags
+
+from free_transformer_jax import distributed
+from free_transformer_jax.logs import setup_console_logging
+from common import run  # launch/common.py: one-line errors shared by the launchers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and config.json "
                                "go here (local path or gs://...).")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                                 "Call jax.distributed.initialize(): auto = when a multi-process "
-                                 "environment is detected.")
-
-
-def multiprocess_environment() -> bool:
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        return True
-    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"):
-        if int(env.get(var, "1") or 1) > 1:
-            return True
-    return "," in env.get("TPU_WORKER_HOSTNAMES", "")
+distributed.define_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
-
-    if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and multiprocess_environment()):
-        jax.distributed.initialize()
-    logging.set_verbosity(logging.WARNING)
+    setup_console_logging()  # -v sets the verbosity (INFO by default); Orbax/Grain INFO needs -v=1
+    try:
+        distributed.initialize_from_flags()
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
 
     from free_transformer_jax.checkpoint import CheckpointError
     from free_transformer_jax.model.config import ConfigError
@@ -56,4 +48,5 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    jax.config.config_with_absl()  # --jax_* flags, e.g. --jax_log_compiles
+    run(main)

@@ -1,5 +1,5 @@
-"""Data layer (issue 3): the synthetic task, tokenizers, local TFDS datasets, packing, sharding and
-checkpointable iterators."""
+"""Data layer (BUILD_NOTES.md, "Data"): the synthetic task, tokenizers, local TFDS datasets,
+packing, sharding and checkpointable iterators."""
 
 import collections
 import json
@@ -54,7 +54,7 @@ def rows_as_documents(batches):
     return docs
 
 
-# The synthetic task (SPEC section 7) --------------------------------------------------------------
+# The synthetic task (data/synthetic.py) ------------------------------------------------------------
 
 def test_synthetic_records_follow_the_spec():
     n = 3000
@@ -254,9 +254,12 @@ def test_missing_tfds_dataset_is_a_clear_error(tmp_path):
 def test_corpus_readers(tmp_path):
     files = local_tfds.python_stdlib_files(max_files=5)
     assert len(files) == 5 and all(f.endswith(".py") and "site-packages" not in f for f in files)
-    (tmp_path / "a.txt").write_bytes(b"one\n\ntwo \xff\n\n\n")
-    assert list(local_tfds.read_text_files([tmp_path / "a.txt"], by_paragraph=True)) == ["one",
-                                                                                           "two \ufffd"]
+    (tmp_path / "a.txt").write_bytes("one\n\ntwo é\n\n\n".encode())
+    (tmp_path / "b.bin").write_bytes(b"one\n\ntwo \xff\n")  # not UTF-8: skipped, not U+FFFD
+    skipped = []
+    docs = local_tfds.read_text_files([tmp_path / "a.txt", tmp_path / "b.bin"], by_paragraph=True,
+                                      skipped=skipped)
+    assert list(docs) == ["one", "two é"] and skipped == [str(tmp_path / "b.bin")]
     split = local_tfds.split_documents([f"d{i}" for i in range(200)], validation_fraction=0.2,
                                        max_documents=150)
     assert len(split["train"]) + len(split["validation"]) == 150

@@ -84,6 +84,6 @@ def test_bad_workdir_and_task_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_model(str(tmp_path))
     bad = tmp_path / "task.jsonl"
-    bad.write_text('{"context": "A>", "choices": ["A"], "label": 3}\n')
-    with pytest.raises(ValueError, match="label 3 out of range"):
+    bad.write_text('{"context": "A>", "choices": ["A", "B"], "label": 3}\n')
+    with pytest.raises(ValueError, match=":1: label 3 out of range"):
         eval_lib.read_choice_task(str(bad))

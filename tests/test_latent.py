@@ -1,4 +1,4 @@
-"""The binary mapper, post-sampler and KL (SPEC sections 2.3-2.4, 3 and 5)."""
+"""The binary mapper, post-sampler and KL (model/latent.py)."""
 
 import math
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from free_transformer_jax.model import latent as L
+from helpers import tiny_config
 
 
 def test_code_index_is_little_endian_sum_of_bits():
@@ -111,6 +112,26 @@ def test_free_bits_hinge_is_per_token():
     assert float(L.free_bits_kl(kl, kappa, mask)) == pytest.approx(0.0)
     assert float(L.free_bits_kl(jnp.array([[3.0, 1.0, 0.0]]), 1.0, jnp.array([[1, 1, 1]]))) == \
         pytest.approx(2.0 / 3)
+
+
+def test_training_loss_kl_term_is_the_free_bits_kl():
+    from free_transformer_jax.train.loss import loss_and_metrics
+
+    cfg = tiny_config(kappa_bits=1.0, kl_weight=2.0)
+    kl = jnp.array([[0.1, 2.0, 1.5, 0.0]])
+    seg = jnp.array([[1, 1, 1, 0]])  # the last position is padding: no latent, no target
+    batch = {"inputs": jnp.zeros((1, 4), jnp.int32), "targets": jnp.zeros((1, 4), jnp.int32),
+             "segment_ids": seg}
+    logits = jnp.zeros((1, 4, cfg.vocab_size))  # uniform: CE = log V
+    loss, m = loss_and_metrics(cfg, logits, {"kl": kl}, batch)
+    kappa = math.log(2.0)  # 1 bit in nats
+    expected = (0.0 + (2.0 - kappa) + (1.5 - kappa)) / 3
+    assert float(m["kl_term"]) == pytest.approx(expected, rel=1e-6)
+    assert float(loss) == pytest.approx(math.log(cfg.vocab_size) + 2.0 * expected, rel=1e-6)
+    # micro-batch shares divided by the whole batch's latent count add up to the whole term
+    shares = [L.free_bits_kl(kl[:, s], kappa, seg[:, s], jnp.float32(3.0))
+              for s in (slice(0, 2), slice(2, 4))]
+    assert float(sum(shares)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_prior_codes_cover_the_code_space_uniformly():

@@ -30,6 +30,7 @@ def workdir(tmp_path_factory):
             devices=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 4/4" in r.stdout and "resumed" not in r.stdout
+    assert "Saving checkpoint" not in r.stderr  # Orbax's INFO chatter needs -v=1
     return wd
 
 
@@ -39,9 +40,11 @@ def test_train_writes_events_and_checkpoints_then_resumes(workdir):
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["model"]["d_model"] == 32
     r = run("train.py", "--config=configs/demo.py", f"--workdir={workdir}", "--config.train.steps=6",
-            *TINY, devices=2)
+            *TINY, "-v=1", "--jax_log_compiles", devices=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 4" in r.stdout
+    # absl's -v and JAX's own flags reach the libraries
+    assert "Saving checkpoint at step 6" in r.stderr and "Compiling train_step" in r.stderr
     assert "step 6/6" in r.stdout and "step 2/" not in r.stdout
     assert "6" in os.listdir(os.path.join(workdir, "checkpoints"))
 
@@ -63,9 +66,15 @@ def test_sample_and_eval_from_the_checkpoint(workdir, tmp_path):
         assert all(r["codes"] == group[0]["codes"] for r in group)  # shared Z within a prompt
         assert all(len(r["text"]) == 10 for r in group)
     events = len(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
-    r = run("eval.py", f"--workdir={workdir}", "--batches=1", "--prior_samples=1", devices=4)
+    task = tmp_path / "task.jsonl"
+    task.write_text(open(os.path.join(ROOT, "data", "tasks", "synthetic_choice.jsonl")).readline())
+    r = run("eval.py", f"--workdir={workdir}", "--batches=1", "--prior_samples=1",
+            f"--choice_task={task}", "--z_samples=1", devices=4)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(os.path.join(workdir, "eval_step6.json")))
+    # parameters restored FSDP-sharded over the 4 devices by default; the choice task scored there
+    assert res["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert res["choice_task"]["n_examples"] == 1 and res["choice_task"]["chance"] == 0.25
     assert res["elbo"] == pytest.approx(res["ce_posterior"] + res["kl_nats"], rel=1e-12)
     assert res["model"] == "free_transformer" and np.isfinite(res["ce_prior"])
     assert len(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))) == events + 1  # eval/

@@ -1,4 +1,4 @@
-"""Model behaviour (issue 2): causality, the encoder, the baseline, scan/unroll and remat."""
+"""Model behaviour (BUILD_NOTES.md, "Model"): causality, the encoder, the baseline, scan/unroll and remat."""
 
 import functools
 

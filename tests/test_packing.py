@@ -1,5 +1,6 @@
-"""The model honours packed rows (issue 3): documents packed into one row by the data pipeline give
-the same logits, encoder bit logits, KL and loss as the same documents run alone."""
+"""The model honours packed rows (BUILD_NOTES.md, "Windows and packing"): documents packed into one
+row by the data pipeline give the same logits, encoder bit logits, KL and loss as the same documents
+run alone."""
 
 import functools
 

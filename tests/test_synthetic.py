@@ -29,6 +29,8 @@ def test_validity_and_target_position():
     assert sm.target_start(seq("K", 0)) == 0 and sm.target_start(seq("K", 56)) == 56
     assert sm.target_start(seq("K", 10, noise=(12, 40))) == 10  # '!' inside the run is allowed
     assert sm.target_start(seq("K", 10, noise=(10,))) == 10  # even on its first letter
+    assert sm.target_start(seq("K", 10, noise=(17,))) == 10  # ...or its last
+    assert sm.target_start(seq("K", 10, noise=(9,))) == 10  # noise just before: the 8 letters win
     assert sm.target_start(seq("K", 10, run=7)) is None  # too short
     assert sm.target_start(seq("K", 10, run=9)) is None  # too long
     assert sm.target_start(seq("K", 10, extra=40)) is None  # a second occurrence
@@ -36,6 +38,35 @@ def test_validity_and_target_position():
     assert sm.target_start("K>" + "_" * 10 + "Q" * 8 + "_" * 46) is None  # the wrong letter
     assert sm.target_position("K>" + "_" * 64) is None
     assert sm.validity([seq("A", 3), seq("A", 3, run=5), seq("B", 20), "B>" + "_" * 64]) == 0.5
+
+
+def test_target_needs_a_real_run():
+    """Letters scattered among noise are not a target: at least 3 consecutive letters, inside an
+    8-window of the letter and '!' only; the window holding the most letters wins."""
+    body = "_" * 20 + "O!!!O!!!" + "_" * 36
+    assert sm.target_position("O>" + body) is None and sm.target_start("O>" + body) is None
+    assert sm.target_position("O>" + "_" * 20 + "OO!OO!OO" + "_" * 36) is None  # runs of 2 only
+    assert sm.target_position("O>" + "_" * 20 + "O!OOO!!O" + "_" * 36) == 20
+    assert sm.target_position("O>" + "_" * 20 + "OOOO_OOO" + "_" * 36) is None  # broken window
+    two = "O>" + "_" * 5 + "!OOO!!!!" + "_" * 20 + "OOOOOOO!" + "_" * 23
+    assert sm.target_position(two) == 33 and sm.target_start(two) is None  # most letters wins
+    assert sm.target_rate(["O>" + body, seq("O", 4), seq("O", 9, run=7)]) == pytest.approx(1 / 3)
+
+
+def test_target_position_on_the_data():
+    """On training records the target is the record's run (one off when noise hides its edge); the
+    only records without one have their run split by noise into pieces of at most 2 letters
+    (probability 0.0061 per record)."""
+    from free_transformer_jax.data import synthetic
+
+    recs = [synthetic.generate(i) for i in range(2000)]
+    pos = [sm.target_position(r.text) for r in recs]
+    missing = [r for r, p in zip(recs, pos) if p is None]
+    assert len(missing) <= 25  # expected 12
+    assert all(r.text[0] * 3 not in r.text[2 + r.start:10 + r.start] for r in missing)
+    assert all(abs(p - r.start) <= 1 for r, p in zip(recs, pos) if p is not None)
+    assert sum(p == r.start for r, p in zip(recs, pos)) >= 0.98 * len(recs)
+    assert sm.validity([r.text for r in recs]) == pytest.approx(1 - len(missing) / len(recs))
 
 
 def test_agreement_values():
@@ -47,10 +78,23 @@ def test_agreement_values():
     assert sm.position_agreement(spread) == pytest.approx(1 / 6)
     assert sm.position_agreement(spread, tolerance=20) == pytest.approx(4 / 6)
     assert sm.position_agreement([seq("K", 5)]) is None
+    # a sequence without a target agrees with nothing, even with another one without a target
+    broken = "K>" + "_" * 10 + "K!!!K!!!" + "_" * 46
+    assert sm.position_agreement(same[:2] + [broken]) == pytest.approx(1 / 3)
+    assert sm.position_agreement([broken, broken]) == 0.0
     # '!' sets {1,2}, {1,2}, {1,3}: Jaccard 1, 1/3, 1/3
     assert sm.noise_agreement(same) == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
     assert sm.noise_agreement([seq("K", 5), seq("K", 9)]) is None  # no '!' at all
     assert sm.mean_or_none([None, 0.5, 1.0]) == 0.75 and sm.mean_or_none([None]) is None
+
+
+def test_group_scores_layout():
+    groups = {"0/0": [seq("K", 0), seq("K", 30)], "0/1": [seq("K", 5), seq("K", 5)],
+              "1/0": [seq("B", 7), seq("B", 8)], "1/1": [seq("B", 3), "B>" + "_" * 64]}
+    got = sm.group_scores(groups)
+    assert got["pos_agree_indep"] == [0.0, 1.0] and got["pos_agree_shared"] == [1.0, 0.0]
+    assert got["validity"] == [1.0, 1.0, 1.0, 0.5] and got["target_rate"] == [1.0, 1.0, 1.0, 0.5]
+    assert got["noise_agree_shared"] == [] and got["noise_agree_indep"] == []  # no '!' anywhere
 
 
 def test_ce_by_class():
@@ -68,89 +112,241 @@ def test_ce_by_class():
     assert sm.CE_BANG_WITHOUT_Z == pytest.approx(2.7725887)
 
 
-def test_latent_feature_corr():
+def test_probe_is_not_fooled_by_position():
+    """A bit that is a function of the position alone carries nothing about the sequence: it scores
+    0 within positions (the old global correlation with 'before the run' gave it about 0.6); bits
+    that encode the run start, or a 'before the run' flag, score high; random bits score low."""
     from free_transformer_jax.data import synthetic
 
     rng = np.random.default_rng(0)
-    targets = np.where(rng.random((6, 65)) < 0.2, synthetic.BANG, synthetic.UNDERSCORE)
-    starts = rng.integers(0, 57, 6)
-    before = np.arange(64)[None] < starts[:, None]
-    p = np.full((6, 65, 3), 0.5)
-    p[:, 1:, 0] = np.where(targets[:, 1:] == synthetic.BANG, 0.9, 0.2)  # bit 0 = the noise
-    p[:, 1:, 1] = np.where(before, 0.7, 0.4)  # bit 1 = before the run; bit 2 constant
-    p[:, 0] = rng.random((6, 3))  # the '>' column is ignored
-    got = sm.latent_feature_corr(p, targets, starts)
-    assert got["noise"] == pytest.approx(1.0) and got["before_run"] == pytest.approx(1.0)
-    flat = sm.latent_feature_corr(np.full((6, 65, 3), 0.5), targets, starts)
-    assert flat == {"noise": 0.0, "before_run": 0.0}
-    # independent random bits: small correlations
-    noisy = sm.latent_feature_corr(rng.random((6, 65, 3)), targets, starts)
-    assert max(noisy.values()) < 0.15
+    b, t = 512, 65
+    starts = rng.integers(0, 57, b)
+    targets = np.where(rng.random((b, t)) < 1 / 16, synthetic.BANG, synthetic.UNDERSCORE)
+    body_t = np.arange(t - 1)[None, :]  # target column j + 1 is body character j
+    p = rng.random((b, t, 4))
+    p[:, :, 0] = np.arange(t)[None, :] / t  # position only
+    got = sm.latent_probe(p[..., :1], targets, starts)
+    assert got["start"] < 1e-9 and got["noise"] < 1e-9
+    before = (body_t < starts[:, None]).reshape(-1)
+    assert abs(np.corrcoef(p[:, 1:, 0].reshape(-1), before)[0, 1]) > 0.5  # what fooled the old probe
+    p[:, 1:, 1] = 1 / (1 + np.exp(-(starts[:, None] - 28) / 6.0))  # the run start, at every t
+    p[:, 1:, 2] = np.where(body_t < starts[:, None], 0.9, 0.1)  # a 'before the run' flag
+    assert sm.latent_probe(p[..., 1:2], targets, starts)["start"] > 0.9
+    assert sm.latent_probe(p[..., 2:3], targets, starts)["start"] > 0.4
+    assert sm.latent_probe(p[..., 3:4], targets, starts)["start"] < 0.06  # random: about 0.035
+    p[:, :, 3] = np.where(targets == synthetic.BANG, 0.8, 0.3)  # the noise
+    got = sm.latent_probe(p, targets, starts)
+    assert got["noise"] == pytest.approx(1.0) and got["start"] > 0.9  # the best bit counts
 
 
-def _means(pos, noise, validity, kl):
-    return {"pos_agree_shared": pos[0], "pos_agree_indep": pos[1], "noise_agree_shared": noise[0],
-            "noise_agree_indep": noise[1], "validity": validity, "kl_bits": kl}
+def _groups(rng, n, p_of_group, pairs=28):
+    """``n`` groups whose pairs agree with a group-specific probability: (pair outcomes per group)."""
+    return [rng.random(pairs) < p_of_group(rng) for _ in range(n)]
 
 
-def test_paper_ordering_checks():
-    paper_like = {None: _means((0.04, 0.04), (0.03, 0.03), 1.0, 0.0),
-                  1 / 64: _means((0.05, 0.04), (0.03, 0.03), 0.99, 0.015),
-                  1 / 8: _means((0.30, 0.05), (0.04, 0.03), 0.98, 0.12),
-                  1.0: _means((0.60, 0.06), (0.30, 0.05), 0.90, 1.05),
-                  8.0: _means((0.90, 0.10), (0.90, 0.60), 0.10, 7.5)}
-    checks = sm.paper_ordering(paper_like)
-    assert len(checks) == 1 + 2 + 1 + 1 + 4 and all(c["ok"] for c in checks)
-    # break one thing at a time: each failure is reported by exactly its own check
+def test_bootstrap_covers_the_truth_and_groups_widen_it():
+    rng = np.random.default_rng(1)
+    # known variance: 24 group values ~ N(0.3, 0.1^2); the 95% interval covers 0.3 about 95% of the time
+    hits, ses = 0, []
+    for i in range(200):
+        b = sm.bootstrap([{"x": rng.normal(0.3, 0.1, 24)}], n_boot=1000, seed=i)
+        lo, hi = b.interval()
+        hits += lo <= 0.3 <= hi
+        ses.append(b.se)
+    assert 0.88 <= hits / 200 <= 0.99
+    assert np.mean(ses) == pytest.approx(0.1 / np.sqrt(24), rel=0.1)
+    # pairs within a group are correlated (the group's Z fixes the position): resampling pairs as if
+    # independent understates the standard error; resampling groups matches the true one
+    p_of_group = lambda r: 0.6 if r.random() < 0.3 else 0.05  # noqa: E731
+    truth = np.std([np.mean(_groups(rng, 18, p_of_group)) for _ in range(2000)])
+    groups = _groups(rng, 18, p_of_group)
+    grouped = sm.bootstrap([{"x": [g.mean() for g in groups]}], seed=0)
+    naive = sm.bootstrap([{"x": np.concatenate(groups)}], seed=0)
+    assert grouped.point == pytest.approx(naive.point)
+    assert grouped.se > 2 * naive.se
+    assert grouped.se == pytest.approx(truth, rel=0.35)
+
+
+def test_bootstrap_over_seeds_and_differences():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0.2, 0.05, 20), rng.normal(0.6, 0.05, 20)
+    one = sm.bootstrap([{"x": a}], seed=0)
+    two = sm.bootstrap([{"x": a}, {"x": b}], seed=0)
+    assert two.point == pytest.approx((a.mean() + b.mean()) / 2) and two.n_seeds == 2
+    assert two.se > 5 * one.se  # seeds that disagree widen the interval
+    # per-seed numbers (one value per seed) vary with the seeds only
+    kl = sm.bootstrap([{"kl": [0.9]}, {"kl": [1.1]}], seed=0)
+    assert kl.interval() == pytest.approx((0.9, 1.1)) and kl.point == pytest.approx(1.0)
+    # a statistic of two lists of one seed (shared minus independent)
+    sh, ind = rng.normal(0.5, 0.1, 18), rng.normal(0.1, 0.1, 6)
+    ex = sm.bootstrap([{"s": sh, "i": ind}], lambda m: m["s"] - m["i"], seed=3)
+    assert ex.point == pytest.approx(sh.mean() - ind.mean())
+    # the bootstrap's variance of a mean is the plug-in variance / n, summed over the two lists
+    assert ex.se == pytest.approx(np.sqrt(np.var(sh) / 18 + np.var(ind) / 6), rel=0.05)
+    # independent models: the difference's variance is the sum
+    c, d = sm.bootstrap([{"x": sh}], seed=4), sm.bootstrap([{"x": ind}], seed=5)
+    assert (c - d).se == pytest.approx(np.hypot(c.se, d.se), rel=0.1)
+    with pytest.raises(ValueError, match="several unit lists"):
+        sm.bootstrap([{"s": sh, "i": ind}])
+
+
+def _model(rng, **metrics):
+    """An analyse_model-like result from (point, se) pairs; ``per_seed`` copies noise_excess."""
+    boot = lambda v: sm.Boot(v[0], rng.normal(v[0], v[1], 4000), 3, 18)  # noqa: E731
+    out = {m: boot(v) for m, v in metrics.items()}
+    return {"all": out, "per_seed": {s: {"noise_excess": out["noise_excess"]} for s in (0, 1, 2)}}
+
+
+def test_paper_ordering_checks_use_intervals():
+    rng = np.random.default_rng(3)
+    base = dict(pos_excess=(0.0, 0.015), pos_agree_shared=(0.05, 0.01), noise_excess=(0.0, 0.01),
+                validity=(1.0, 0.005), kl_bits=(0.0, 0.0001))
+    paper_like = {None: base,
+                  1 / 64: {**base, "kl_bits": (0.015, 0.0002)},
+                  1 / 8: {**base, "pos_excess": (0.7, 0.03), "pos_agree_shared": (0.8, 0.03),
+                          "kl_bits": (0.12, 0.001)},
+                  1.0: {**base, "pos_excess": (0.8, 0.03), "pos_agree_shared": (0.9, 0.03),
+                        "noise_excess": (0.4, 0.03), "validity": (0.95, 0.02), "kl_bits": (0.95, 0.02)},
+                  8.0: {**base, "validity": (0.1, 0.05), "kl_bits": (7.9, 0.05)}}
+    bits = {1 / 64: 8, 1 / 8: 8, 1.0: 8, 8.0: 16}
+
+    def run(spec, bits=bits):
+        return sm.paper_ordering({k: _model(rng, **v) for k, v in spec.items()}, bits)
+
+    checks = run(paper_like)
+    assert [c["kind"] for c in checks].count("ordering") == 1 + 2 + 1 + 1 + 4
+    assert [c["kind"] for c in checks].count("goal") == 6
+    assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+    # break one thing at a time: exactly the checks that depend on it fail
     broken = {
-        "position agreement near independent at 1/64 bit": (1 / 64, "pos_agree_shared", 0.20),
-        "position agreement clearly above independent at 1 bit": (1.0, "pos_agree_shared", 0.10),
-        "noise agreement clearly higher at 1 bit than at 1/8 bit": (1.0, "noise_agree_shared", 0.10),
-        "validity drops at 8 bits": (8.0, "validity", 0.95),
-        "final KL at or below kappa = 0.125 bit": (1 / 8, "kl_bits", 0.2),
+        (1 / 64, "pos_excess", (0.05, 0.015)): ["position agreement at 1/64 bit like the baseline's"],
+        # the point clears the bar, the interval does not
+        (1 / 8, "pos_agree_shared", (0.65, 0.05)): ["1/8 bit: shared-Z position agreement >= 0.6"],
+        (1 / 8, "pos_excess", (0.1, 0.08)): ["position agreement above independent at 1/8 bit"],
+        (1.0, "noise_excess", (0.25, 0.04)): [
+            "1 bit: noise encoded in every seed (`!` overlap excess >= 0.2)"],
+        (1 / 8, "noise_excess", (0.05, 0.01)): ["1/8 bit: noise agreement at the baseline's level"],
+        (8.0, "validity", (0.85, 0.05)): [
+            "validity drops at 8 bits",
+            "8 bits: collapse (validity far below the baseline's) with the KL term binding"],
+        (1 / 8, "kl_bits", (0.13, 0.01)): ["final KL at or below kappa = 0.125 bit"],
     }
-    for name, (k, metric, value) in broken.items():
-        means = {kk: dict(v) for kk, v in paper_like.items()}
-        means[k][metric] = value
-        failed = [c["check"] for c in sm.paper_ordering(means) if not c["ok"]]
-        assert failed == [name], (name, failed)
+    for (k, metric, value), names in broken.items():
+        spec = {kk: dict(v) for kk, v in paper_like.items()}
+        spec[k][metric] = value
+        failed = [c["check"] for c in run(spec) if not c["ok"]]
+        assert failed == names, (k, metric, failed)
+    # H = 8 at kappa = 8 bits: no KL term, so "KL <= kappa" is replaced by a failing check
+    failed = [c["check"] for c in run(paper_like, {**bits, 8.0: 8}) if not c["ok"]]
+    assert failed == ["KL term can bind at kappa = 8 bit",
+                      "8 bits: collapse (validity far below the baseline's) with the KL term binding"]
     # a sweep without 1/64 and 1 bit only runs the checks it can
-    partial = sm.paper_ordering({None: paper_like[None], 8.0: paper_like[8.0]})
-    assert [c["check"] for c in partial] == ["validity drops at 8 bits",
-                                             "final KL at or below kappa = 8 bit"]
+    partial = run({None: base, 8.0: paper_like[8.0]})
+    assert [c["check"] for c in partial] == [
+        "validity drops at 8 bits", "final KL at or below kappa = 8 bit",
+        "8 bits: collapse (validity far below the baseline's) with the KL term binding"]
+
+
+def test_rescore_of_the_first_sweeps_format(tmp_path):
+    """An old-format results.json (samples of the first seed only, old metrics) re-scores into
+    this version's tables, with the limits spelt out."""
+    import importlib.util
+
+    script = os.path.join(ROOT, "launch", "synthetic_sweep.py")
+    spec = importlib.util.spec_from_file_location("sweep", script)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    rng = np.random.default_rng(4)
+    metrics = {"pos_agree_shared": 0.5, "pos_agree_indep": 0.1, "noise_agree_shared": 0.1,
+               "noise_agree_indep": 0.1, "validity": 0.9, "kl_bits": 0.1, "ce_posterior": 0.3,
+               "ce_prior": 0.4, "ce_bang_posterior": 2.7, "ce_letter_posterior": 0.3,
+               "ce_underscore_posterior": 0.1, "corr_noise": 0.1, "corr_before_run": 0.6}
+    samples = {}
+    for name, spread in (("baseline", 40), ("1/8 bit", 0)):
+        samples[name] = {f"{p}/{g}": [seq("K", int(rng.integers(0, 57)) if g == 0 or spread
+                                          else 10 + i % 2, noise=(60,)) for i in range(4)]
+                         for p in range(2) for g in range(3)}
+    old = {"seeds": [0, 1], "kappas_bits": [0.125], "prompts": 2, "shared_groups": 2, "group_size": 4,
+           "config": {"model": {"latent_bits": 8}, "train": {"steps": 50}},
+           "runs": {f"{n}/seed{s}": dict(metrics) for n in samples for s in (0, 1)},
+           "samples": samples, "summary": {}, "checks": []}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    models, settings = sweep.load_stored(str(path))
+    assert set(models["1/8 bit"]["samples"]) == {"0"} and set(models["1/8 bit"]["runs"]) == {"0", "1"}
+    assert models["1/8 bit"]["runs"]["1"]["elbo"] == pytest.approx(0.3 + 0.1 * np.log(2))
+    out = tmp_path / "out"
+    out.mkdir()
+    text = sweep.report(str(out), models, settings, sweep.provenance_lines(models, settings, True))
+    assert "Re-scored, not re-run" in text and "not the 3 per kappa" in text
+    assert "not recomputed" in text and "(old)" in text
+    res = json.load(open(out / "results.json"))
+    pos = res["summary"]["1/8 bit"]["all"]["pos_agree_shared"]
+    assert pos["mean"] == pytest.approx(1.0) and pos["lo"] == pytest.approx(1.0)  # 10/11 runs agree
+    assert res["summary"]["1/8 bit"]["all"]["elbo"]["n_seeds"] == 2
+    # the re-scored file is in this version's format and re-scores again to the same numbers
+    models2, settings2 = sweep.load_stored(str(out / "results.json"))
+    assert models2 == json.loads(json.dumps(models))
+    with open(out / "figure.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # an ablation compared with its base: here the same sweep, so every difference's interval holds 0
+    (tmp_path / "again").mkdir()
+    text = sweep.report(str(tmp_path / "again"), models2, settings2, [], reference=str(out / "results.json"))
+    row = next(x for x in text.splitlines() if x.startswith("| baseline | +"))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert len(cells) == len(sweep.COMPARED)
+    for c in cells:
+        lo, hi = (float(v) for v in c.split("[")[1].rstrip("]").split(","))
+        assert c.startswith("+0.000") and lo <= 0 <= hi
+    # its base not written yet (ablations run in parallel): no comparison, no failure
+    text = sweep.report(str(tmp_path / "again"), models2, settings2, [],
+                        reference=str(tmp_path / "missing.json"))
+    assert "Against" not in text and "PASS" in text
 
 
 def test_sweep_end_to_end_tiny(tmp_path):
     out = str(tmp_path / "sweep")
-    args = ["--kappas=1/8,8", "--seeds=0", "--prompts=2", "--shared_groups=1", "--group_size=3",
+    args = ["--kappas=1/8,8", "--seeds=0", "--prompts=2", "--shared_groups=2", "--group_size=3",
             "--eval_batches=1", "--config.train.steps=3", "--config.train.batch_size=8",
             "--config.train.log_every=1", "--config.model.d_model=32", "--config.model.n_layers=3",
-            "--config.model.ffn_dim=64", "--config.model.latent_bits=4", "--config.data.synthetic_size=512"]
+            "--config.model.ffn_dim=64", "--config.model.latent_bits=4", "--latent_bits_for=8:10",
+            "--config.data.synthetic_size=512"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "synthetic_sweep.py"),
                         f"--outdir={out}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "[3/3]" in r.stdout  # progress: baseline, 1/8 bit, 8 bit
+    assert "[3/3] 8 bit, H=10, seed 0" in r.stdout  # progress: baseline, 1/8 bit, 8 bit
     res = json.load(open(os.path.join(out, "results.json")))
-    assert set(res["summary"]) == {"baseline", "1/8 bit", "8 bit"}
-    for name, metrics in res["summary"].items():
-        assert 0 <= metrics["validity"]["mean"] <= 1
-        assert len(metrics["kl_bits"]["per_seed"]) == 1
-        for m in ("ce_bang_posterior", "ce_letter_posterior", "ce_underscore_posterior"):
-            assert 0 < metrics[m]["mean"] < 10, (name, m)
-        corr = metrics["corr_noise"]["mean"]
-        assert corr is None if name == "baseline" else 0 <= corr <= 1
-    assert res["summary"]["baseline"]["kl_bits"]["mean"] == 0.0
-    assert res["summary"]["8 bit"]["kl_bits"]["mean"] > 0
-    groups = res["samples"]["1/8 bit"]
-    assert len(groups) == 2 * 2 and all(len(g) == 3 and len(g[0]) == 66 for g in groups.values())
-    table, checks = open(os.path.join(out, "results.md")).read().split("\n\n", 1)
-    assert table.count("\n") == 1 + 3 and "| 8 bit |" in table
-    # the ordering checks the sweep's kappas allow: validity at 8 bits, KL <= kappa for both
+    assert set(res["models"]) == {"baseline", "1/8 bit", "8 bit"}
+    assert res["models"]["8 bit"]["latent_bits"] == 10 and res["models"]["1/8 bit"]["latent_bits"] == 4
+    for name, m in res["models"].items():
+        run = m["runs"]["0"]
+        assert run["elbo"] == pytest.approx(run["ce_posterior"] + run["kl_bits"] * np.log(2), rel=1e-5)
+        for k in ("ce_bang_posterior", "ce_letter_posterior", "ce_underscore_posterior"):
+            assert 0 < run[k] < 10, (name, k)
+        for k in ("corr_noise", "corr_start"):
+            assert run[k] is None if name == "baseline" else 0 <= run[k] <= 1
+        groups = m["samples"]["0"]  # every seed's samples are stored
+        assert sorted(groups) == ["0/0", "0/1", "0/2", "1/0", "1/1", "1/2"]
+        assert all(len(g) == 3 and len(g[0]) == 66 for g in groups.values())
+        val = res["summary"][name]["all"]["validity"]
+        assert 0 <= val["lo"] <= val["mean"] <= val["hi"] <= 1
+    assert res["models"]["baseline"]["runs"]["0"]["kl_bits"] == 0.0
+    assert res["models"]["8 bit"]["runs"]["0"]["kl_bits"] > 0
+    text = open(os.path.join(out, "results.md")).read()
+    assert "| 8 bit, H=10 | 0 |" in text and "no KL term" not in text
+    # the ordering checks the sweep's kappas allow, each on an interval
     assert {c["check"] for c in res["checks"]} >= {"validity drops at 8 bits",
                                                    "final KL at or below kappa = 0.125 bit",
                                                    "final KL at or below kappa = 8 bit"}
-    assert sum(line.startswith(("- PASS", "- FAIL")) for line in checks.splitlines()) == len(res["checks"])
+    lines = [x for x in text.splitlines() if x.startswith(("- PASS", "- FAIL"))]
+    assert len(lines) == len(res["checks"]) and all("95%" in x for x in lines)
     with open(os.path.join(out, "figure.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # interrupted after the last model? the same command reads the results back without training
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "synthetic_sweep.py"),
+                        f"--outdir={out}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(os.path.join(out, "results.json")))["models"] == res["models"]

@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 
+from free_transformer_jax import fs
 from free_transformer_jax.data import synthetic
 
 CONTINUATION = synthetic.RUN_LEN - 1
@@ -36,15 +37,13 @@ def make_examples(n: int, seed: int = 7, n_choices: int = 4) -> list[dict]:
 
 
 def write_jsonl(path: str, examples: list[dict]) -> None:
-    with open(path, "w") as f:
-        for ex in examples:
-            f.write(json.dumps(ex) + "\n")
+    """One example per line (local or remote path); ``evaluate.read_choice_task`` reads it back."""
+    fs.write_text(path, "".join(json.dumps(ex) + "\n" for ex in examples), "choice task")
 
 
 if __name__ == "__main__":
     import os
 
     out = os.path.join(os.path.dirname(__file__), "..", "..", "data", "tasks", "synthetic_choice.jsonl")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     write_jsonl(out, make_examples(200))
     print(f"wrote {os.path.normpath(out)}")

@@ -9,19 +9,24 @@ split=..., data_dir=...)`` (see ``sources.py``).
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 import sysconfig
+import tempfile
 import zlib
 from typing import Callable, Iterable, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
+from free_transformer_jax import fs
+
 NAME = "local_text"
 VERSION_STR = "1.0.0"
 SPLITS = ("train", "validation")
+
+
+class CorpusError(ValueError):
+    """Input documents that cannot make a dataset; the message names the file/line and the fix."""
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder):
@@ -59,23 +64,25 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
 
 
 def dataset_dir(data_dir: str) -> str:
-    return os.path.join(data_dir, NAME, VERSION_STR)
+    return fs.join(data_dir, NAME, VERSION_STR)
 
 
 def build_dataset(data_dir: str, documents: dict[str, Iterable[str]], *,
                   overwrite: bool = False) -> tfds.core.DatasetBuilder:
-    """Writes ``documents`` (split name -> texts) as ArrayRecord files under ``data_dir``."""
-    target = dataset_dir(data_dir)
-    if os.path.exists(target):
+    """Writes ``documents`` (split name -> texts) as ArrayRecord files under ``data_dir`` (a local
+    path or gs://; TFDS writes through epath)."""
+    target = fs.path(dataset_dir(data_dir))
+    if target.exists():
         if not overwrite:
-            raise FileExistsError(f"{target} already exists; pass --overwrite to rebuild it")
-        shutil.rmtree(target)
+            raise CorpusError(f"{target} already exists; pass --overwrite to rebuild it")
+        target.rmtree()
+    fs.makedirs(data_dir, "--data_dir")
     builder = LocalText(data_dir=data_dir, documents=documents)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    downloads = os.path.join(data_dir, "downloads")  # TFDS creates it; nothing is downloaded
-    if os.path.isdir(downloads) and not os.listdir(downloads):
-        os.rmdir(downloads)
+    downloads = fs.path(data_dir) / "downloads"  # TFDS creates it; nothing is downloaded
+    if downloads.is_dir() and not list(downloads.iterdir()):
+        downloads.rmtree()
     return builder
 
 
@@ -94,20 +101,37 @@ def python_stdlib_files(max_files: int = 0) -> list[str]:
     return files[:max_files] if max_files else files
 
 
-def expand_globs(patterns: Sequence[str]) -> list[str]:
-    files = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)
-                    if os.path.isfile(f)})
+def expand_globs(patterns: Sequence[str], flag: str = "--text_files") -> list[str]:
+    """Sorted files matching any of ``patterns`` (local globs, ``**`` included, or gs://...)."""
+    files = sorted({f for p in patterns for f in fs.glob(p)})
     if patterns and not files:
-        raise FileNotFoundError(f"no files match {list(patterns)}")
+        raise CorpusError(f"{flag}: no files match {','.join(patterns)}; check the paths and quote "
+                          "the globs")
     return files
 
 
-def read_text_files(files: Iterable[str], *, by_paragraph: bool = False) -> Iterator[str]:
+def decode_text(data: bytes) -> str | None:
+    """The UTF-8 text of a file's bytes, or None when they are not text (invalid UTF-8 or NUL
+    bytes: binaries, images, archives, other encodings)."""
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def read_text_files(files: Iterable[str], *, by_paragraph: bool = False,
+                    skipped: list[str] | None = None) -> Iterator[str]:
     """Each file is a document (or, with ``by_paragraph``, each blank-line separated block).
-    Undecodable bytes become U+FFFD."""
+    A file that is not UTF-8 text is skipped (never decoded into replacement characters) and its
+    path appended to ``skipped``."""
     for path in files:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", errors="replace")
+        text = decode_text(fs.read_bytes(path))
+        if text is None:
+            if skipped is not None:
+                skipped.append(os.fspath(path))
+            continue
         if by_paragraph:
             yield from (p.strip("\n") for p in text.split("\n\n") if p.strip())
         elif text.strip():
@@ -115,27 +139,44 @@ def read_text_files(files: Iterable[str], *, by_paragraph: bool = False) -> Iter
 
 
 def read_jsonl_files(files: Iterable[str], text_key: str = "text") -> Iterator[str]:
-    """One document per JSON line: the string under ``text_key``."""
+    """One document per JSON line: the string under ``text_key``; every line is checked."""
     for path in files:
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if text_key not in record:
-                    raise KeyError(f"{path}:{lineno}: no key {text_key!r} (keys: {sorted(record)}); "
-                                   "set --text_key")
-                if str(record[text_key]).strip():
-                    yield str(record[text_key])
+        data = fs.read_bytes(path)
+        for lineno, line in enumerate(data.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            where = f"{os.fspath(path)}:{lineno}"
+            text = decode_text(line)
+            if text is None:
+                raise CorpusError(f"{where}: not UTF-8 text; JSONL files must be UTF-8")
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{where}: not valid JSON ({e.msg}); give one JSON object per "
+                                  "line") from None
+            if not isinstance(record, dict):
+                raise CorpusError(f"{where}: a JSON {type(record).__name__}, not an object; give "
+                                  f'one object per line, e.g. {{"{text_key}": "..."}}')
+            if text_key not in record:
+                raise CorpusError(f"{where}: no key {text_key!r} (keys: {sorted(record)}); set "
+                                  "--text_key")
+            value = record[text_key]
+            if not isinstance(value, str):
+                raise CorpusError(f"{where}: {text_key!r} is a {type(value).__name__}, not a "
+                                  "string; point --text_key at the text field")
+            if value.strip():
+                yield value
 
 
 def split_documents(docs: Iterable[str], *, validation_fraction: float = 0.05,
                     max_documents: int = 0) -> dict[str, list[str]]:
     """Deterministic train/validation split by a hash of each document's content (stable when
-    documents are added or reordered), capped at ``max_documents`` in total (0 = no cap)."""
+    documents are added or reordered), capped at ``max_documents`` in total (0 = no cap). Both
+    splits get at least one document; fewer than 2 documents is a :class:`CorpusError`."""
+    if not 0 < validation_fraction < 1:
+        raise CorpusError(f"--validation_fraction={validation_fraction}: must be in (0, 1)")
+    if max_documents < 0:
+        raise CorpusError(f"--max_documents={max_documents}: must be >= 0 (0 = all)")
     out: dict[str, list[str]] = {"train": [], "validation": []}
     buckets = 10_000
     for n, text in enumerate(docs):
@@ -143,8 +184,15 @@ def split_documents(docs: Iterable[str], *, validation_fraction: float = 0.05,
             break
         h = zlib.crc32(text.encode("utf-8", errors="replace")) % buckets
         out["validation" if h < validation_fraction * buckets else "train"].append(text)
-    if not out["validation"] and len(out["train"]) > 1 and validation_fraction > 0:
+    n = len(out["train"]) + len(out["validation"])
+    if n < 2:
+        raise CorpusError(f"the inputs hold {n} non-empty document(s); a dataset needs at least 2 "
+                          "(train and validation): add inputs, or pass --by_paragraph to make each "
+                          "blank-line separated block of a text file a document")
+    if not out["validation"]:
         out["validation"].append(out["train"].pop())  # tiny corpora still get a validation split
+    if not out["train"]:
+        out["train"].append(out["validation"].pop())
     return out
 
 
@@ -167,9 +215,19 @@ def train_sentencepiece(docs: Iterable[str], model_prefix: str, vocab_size: int,
     import sentencepiece as spm
 
     if vocab_size < 260:
-        raise ValueError(f"--spm_vocab_size={vocab_size}: must be >= 260 (256 byte-fallback pieces "
-                         "plus unk/bos/eos and at least one merge)")
-    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+        raise CorpusError(f"--spm_vocab_size={vocab_size}: must be >= 260 (256 byte-fallback "
+                          "pieces plus unk/bos/eos and at least one merge)")
+    if fs.is_remote(model_prefix):  # SentencePiece writes local files: train here, then copy
+        with tempfile.TemporaryDirectory() as tmp:
+            local = train_sentencepiece(docs, os.path.join(tmp, "spm"), vocab_size,
+                                        model_type=model_type, max_sentences=max_sentences,
+                                        num_threads=num_threads)
+            for ext in (".model", ".vocab"):
+                fs.write_bytes(model_prefix + ext, fs.read_bytes(local[:-len(".model")] + ext))
+        if log:
+            log(f"wrote {model_prefix}.model")
+        return model_prefix + ".model"
+    fs.makedirs(os.path.dirname(os.path.abspath(model_prefix)), "--spm_model_prefix")
     spm.SentencePieceTrainer.train(
         sentence_iterator=_sentences(docs, 4096),
         model_prefix=model_prefix,

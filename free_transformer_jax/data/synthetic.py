@@ -1,4 +1,5 @@
-"""The paper's synthetic task (SPEC section 7) as a deterministic random-access source.
+"""The paper's synthetic task (paper section 4.1; BUILD_NOTES.md, "Synthetic experiment") as a
+deterministic random-access source.
 
 Alphabet (29 ids, fixed order): ``A``..``Z`` = 0..25, ``_`` = 26, ``!`` = 27, ``>`` = 28.
 A record is 66 ids: ``<letter> >`` then 64 characters. The 64 characters start as underscores, the

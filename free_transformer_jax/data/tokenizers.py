@@ -14,6 +14,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
+from free_transformer_jax import fs
 from free_transformer_jax.data import synthetic
 from free_transformer_jax.model.config import ConfigError
 
@@ -62,11 +63,11 @@ class SentencePieceTokenizer:
     def __init__(self, path: str = "", *, model_proto: bytes | None = None):
         if model_proto is None:
             try:
-                with open(path, "rb") as f:
-                    model_proto = f.read()
+                model_proto = fs.read_bytes(path, "data.tokenizer_path")
             except OSError as e:
+                reason = e.strerror or str(e).rsplit(": ", 1)[-1]
                 raise ConfigError(f"data.tokenizer_path={path!r}: cannot read the SentencePiece model "
-                                  f"({e.strerror}); train one with launch/prepare_data.py "
+                                  f"({reason}); train one with launch/prepare_data.py "
                                   "--spm_vocab_size=N or point the field at a .model file") from None
         self._path = path
         self._load(model_proto)

@@ -47,7 +47,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
-    # The latent path (SPEC sections 2-5).
+    # The latent path (model/latent.py; BUILD_NOTES.md, "Model").
     latent: bool = True
     latent_bits: int = 16  # H; C = 2**H codes
     kappa_bits: float = 0.5  # free bits per token, in bits (kappa in nats = kappa_bits * ln 2)

@@ -1,5 +1,5 @@
-"""The latent path: Binary Mapper + post-sampler (SPEC sections 2.3-2.4 and 5), and the KL to the
-uniform prior with free bits (SPEC section 3).
+"""The latent path: Binary Mapper + post-sampler, and the KL to the uniform prior with free bits
+(BUILD_NOTES.md, "Model" and its "The fused latent path").
 
 Codes: H independent bits per position, ``code = sum_h bit_h * 2**h`` (bit 0 least significant),
 ``C = 2**H`` codes. The post-sampler is a ``C x D`` table ``W``; the mapper's output
@@ -82,13 +82,16 @@ def free_bits_hinge(kl_BT: Array, kappa_nats: float) -> Array:
     return jnp.maximum(kl_BT - kappa_nats, 0.0)
 
 
-def free_bits_kl(kl_BT: Array, kappa_nats: float, mask_BT: Array | None = None) -> Array:
-    """mean_t max(0, KL_t - kappa): the hinge is applied per token, then averaged (masked)."""
+def free_bits_kl(kl_BT: Array, kappa_nats: float, mask_BT: Array | None = None,
+                 denominator: Array | None = None) -> Array:
+    """The free-bits KL term of the training loss: mean_t max(0, KL_t - kappa), the hinge applied
+    per token, then averaged over the positions where ``mask_BT`` is 1. ``denominator`` (default:
+    the mask's sum) replaces the count, so micro-batches divided by the whole batch's count add up
+    to the whole batch's term (``train.step.grads_and_metrics``)."""
     hinge = free_bits_hinge(kl_BT, kappa_nats)
-    if mask_BT is None:
-        return jnp.mean(hinge)
-    mask = mask_BT.astype(jnp.float32)
-    return jnp.sum(hinge * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    mask = jnp.ones_like(hinge) if mask_BT is None else mask_BT.astype(jnp.float32)
+    denominator = jnp.sum(mask) if denominator is None else denominator
+    return jnp.sum(hinge * mask) / jnp.maximum(denominator, 1.0)
 
 
 # Z @ W: the dense reference ----------------------------------------------------------------------

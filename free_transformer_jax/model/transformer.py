@@ -1,4 +1,4 @@
-"""The Free Transformer (SPEC section 2) and, with ``cfg.latent=False``, its Llama-style baseline.
+"""The Free Transformer (BUILD_NOTES.md, "Model") and, with ``cfg.latent=False``, its Llama-style baseline.
 
 Parameter tree (``[L]`` marks a leading stacked-layers axis when ``scan_layers``):
   embedding (V, D)

@@ -1,4 +1,5 @@
-"""The training objective (SPEC section 3): mean next-token CE + kl_weight * mean_t max(0, KL_t - kappa).
+"""The training objective (BUILD_NOTES.md, "Model"): mean next-token CE
++ kl_weight * mean_t max(0, KL_t - kappa) (the free-bits term, ``model.latent.free_bits_kl``).
 
 A batch is a dict of (B, T) arrays: ``inputs``, ``targets`` and optionally ``segment_ids`` (0 =
 padding), ``positions`` and ``loss_mask`` (1 where the target is scored). Without ``loss_mask`` the
@@ -64,7 +65,7 @@ def loss_and_metrics(cfg: ModelConfig, logits_BTV: Array, aux: Mapping[str, Any]
     if cfg.latent and aux.get("kl") is not None:
         kl = aux["kl"]
         kl_mean = masked_mean(kl, latent_mask, kl_den)
-        kl_term = masked_mean(latent_lib.free_bits_hinge(kl, cfg.kappa_nats), latent_mask, kl_den)
+        kl_term = latent_lib.free_bits_kl(kl, cfg.kappa_nats, latent_mask, kl_den)
         frac_above = masked_mean((kl > cfg.kappa_nats).astype(jnp.float32), latent_mask, kl_den)
     loss = ce + cfg.kl_weight * kl_term
     metrics = {"loss": loss, "ce": ce, "kl_nats": kl_mean, "kl_bits": kl_mean / math.log(2.0),

@@ -19,8 +19,9 @@ from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model.config import ModelConfig
 from free_transformer_jax.model.transformer import init_params
 
-# rng purposes, folded into the seed's key: one independent stream each
-PARAMS, LATENT, DROPOUT, SAMPLE = 0, 1, 2, 3
+# rng purposes, folded into the seed's key: one independent stream each (parameter init; the
+# latent noise of training steps, folded with the step)
+PARAMS, LATENT = 0, 1
 
 
 def purpose_key(seed: int, purpose: int) -> jax.Array:
@@ -58,10 +59,13 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int,
-               params: Any | None = None) -> tuple[TrainState, TrainState]:
-    """A freshly initialised state created directly in its sharded layout (never whole on one
-    device). ``params`` (e.g. converted from a HF checkpoint) replaces the random init."""
-    _, shardings = state_shardings(cfg, tx, mesh)
+               params: Any | None = None, shardings: TrainState | None = None
+               ) -> tuple[TrainState, TrainState]:
+    """(state, shardings): a freshly initialised state created directly in its sharded layout
+    (never whole on one device). ``params`` (e.g. converted from a HF checkpoint) replaces the
+    random init; ``shardings`` (from :func:`state_shardings`) saves recomputing them."""
+    if shardings is None:
+        _, shardings = state_shardings(cfg, tx, mesh)
 
     def init(key):
         p = nn.meta.unbox(init_params(cfg, key))

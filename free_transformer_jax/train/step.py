@@ -98,11 +98,14 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, seed: in
 
 def jit_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                    shardings: TrainState, seed: int, grad_accum: int,
-                   schedule: Callable | None = None, batch_keys=BATCH_KEYS):
-    """``jax.jit`` with explicit in/out shardings and the state donated. Call it inside
-    ``sharding.mesh_context(mesh)``."""
+                   schedule: Callable | None = None,
+                   batch_shardings: dict[str, NamedSharding] | None = None):
+    """``jax.jit`` with explicit in/out shardings and the state donated (default batch layout:
+    every field of :data:`BATCH_KEYS` over the batch axes). Call it inside
+    ``sharding.mesh_context(mesh)``; ``train.program.build_program`` is the usual way in."""
     step = make_train_step(cfg, tx, seed, grad_accum, schedule, mesh)
-    batch_shardings = {k: shard_lib.batch_sharding(mesh) for k in batch_keys}
+    if batch_shardings is None:
+        batch_shardings = {k: shard_lib.batch_sharding(mesh) for k in BATCH_KEYS}
     return jax.jit(step, in_shardings=(shardings, batch_shardings),
                    out_shardings=(shardings, shard_lib.replicated(mesh)), donate_argnums=(0,))
 
