@@ -44,4 +44,5 @@ def get_config():
     c.mesh.fsdp = 8
     m.remat_policy = "full"
     m.attention_chunk = 512  # [choice] queries per attention chunk: no T x T score matrix
+    m.attention_impl = "auto"  # Splash on TPU, cuDNN / Pallas on GPU, chunked on CPU (BUILD_NOTES)
     return c

@@ -15,6 +15,11 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 LATENT_IMPLS = ("fused", "dense")
+# xla: one dense einsum; chunked: the same, `attention_chunk` queries at a time; splash: the TPU
+# Splash kernel; cudnn: cuDNN flash attention (GPU); pallas_gpu: the Pallas/Triton flash kernel
+# (GPU); auto: the best of these for the platform (see resolve_attention_impl).
+ATTENTION_IMPLS = ("xla", "chunked", "splash", "cudnn", "pallas_gpu", "auto")
+KERNEL_IMPLS = ("splash", "cudnn", "pallas_gpu")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -57,9 +62,20 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    # Attention computed this many queries at a time (each chunk rematerialised), so the T x T
-    # scores never exist whole; 0 = one dense einsum. Used when it divides the sequence length.
+    # Which attention computes every block without a KV cache (decoder, injection, encoder); one
+    # of ATTENTION_IMPLS. Calls with a KV cache (prefill and decoding) use the xla path (chunked
+    # when that is the choice). See BUILD_NOTES "Attention kernels and benchmarks".
+    attention_impl: str = "auto"
+    # chunked (and auto on CPU): attention computed this many queries at a time (each chunk
+    # rematerialised), so the T x T scores never exist whole; 0 = one dense einsum. Used when it
+    # divides the sequence length.
     attention_chunk: int = 0
+    # splash / pallas_gpu tile sizes along queries and keys (0: the kernel's default, 512 for
+    # splash and 128 for pallas_gpu, capped at the sequence length).
+    attention_block_q: int = 0
+    attention_block_kv: int = 0
+    # Run the Pallas kernels (splash, pallas_gpu) in interpret mode: numerics on a CPU, slowly.
+    attention_interpret: bool = False
 
     def __post_init__(self):
         def fail(field: str, msg: str):
@@ -100,6 +116,21 @@ class ModelConfig:
                  "(or -1 for n_layers // 2): at least one block must follow the encoder")
         if self.attention_chunk < 0:
             fail("attention_chunk", "must be >= 0 (0 = no chunking)")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            fail("attention_impl", f"must be one of {ATTENTION_IMPLS}")
+        if self.attention_impl == "chunked" and self.attention_chunk == 0:
+            fail("attention_impl", "'chunked' needs model.attention_chunk > 0 (queries per chunk)")
+        for field in ("attention_block_q", "attention_block_kv"):
+            size = getattr(self, field)
+            if size < 0 or size % 128:
+                fail(field, "must be 0 (the kernel's default) or a positive multiple of 128")
+        if self.attention_impl == "cudnn":
+            if self.dtype not in ("bfloat16", "float16"):
+                fail("attention_impl", f"'cudnn' needs model.dtype bfloat16 or float16, not "
+                     f"{self.dtype} (cuDNN flash attention); use 'pallas_gpu' or 'xla'")
+            if self.resolved_head_dim % 8 or self.resolved_head_dim > 256:
+                fail("attention_impl", f"'cudnn' needs a head_dim that is a multiple of 8 and "
+                     f"<= 256, not {self.resolved_head_dim}")
         if self.latent_token_chunk < 0 or self.latent_code_chunk < 0:
             fail("latent_token_chunk" if self.latent_token_chunk < 0 else "latent_code_chunk",
                  "must be >= 0 (0 = no chunking)")
@@ -153,3 +184,87 @@ class ModelConfig:
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+
+def _platform_name(platform: str) -> str:
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def kernel_blocks(cfg: ModelConfig, impl: str, seq_len: int) -> tuple[int, int]:
+    """(query block, key block) a kernel uses at ``seq_len``: the config's or the kernel's default,
+    capped at the sequence length."""
+    default = 512 if impl == "splash" else 128
+    return (min(cfg.attention_block_q or default, seq_len),
+            min(cfg.attention_block_kv or default, seq_len))
+
+
+def cached_attention_impl(cfg: ModelConfig) -> str:
+    """The attention of calls with a KV cache (prefill, decoding), which no kernel here expresses
+    (queries start at the cache index): chunked when ``attention_chunk`` is set and the choice is
+    not xla, else xla."""
+    return "chunked" if cfg.attention_chunk and cfg.attention_impl != "xla" else "xla"
+
+
+def attention_impl_problem(cfg: ModelConfig, impl: str, platform: str, seq_len: int,
+                           packed: bool | None) -> str | None:
+    """Why kernel ``impl`` cannot run this case (None when it can); ``packed=None``: unknown."""
+    platform = _platform_name(platform)
+    if impl in ("xla", "chunked"):
+        return None
+    home = "tpu" if impl == "splash" else "gpu"
+    if platform != home and not (cfg.attention_interpret and impl != "cudnn"):
+        hint = "; model.attention_interpret=True runs it on a CPU, slowly" if impl != "cudnn" else ""
+        return f"runs on {home.upper()} only, not {platform}{hint}"
+    if impl == "cudnn":
+        if packed:
+            return ("cannot express packed rows (segment ids; data.packing != 'none'): use "
+                    "'pallas_gpu' or set data.packing=none")
+        return None
+    bq, bkv = kernel_blocks(cfg, impl, seq_len)
+    if impl == "splash" and seq_len % 128:
+        return f"needs a sequence length that is a multiple of 128, not {seq_len}"
+    if seq_len % bq or seq_len % bkv:
+        return (f"needs the sequence length {seq_len} to be a multiple of its blocks "
+                f"(model.attention_block_q={bq}, attention_block_kv={bkv})")
+    if impl == "pallas_gpu" and (bq & (bq - 1) or bkv & (bkv - 1) or seq_len % min(32, seq_len)):
+        return f"needs power-of-two blocks dividing the sequence length {seq_len}"
+    return None
+
+
+def resolve_attention_impl(cfg: ModelConfig, platform: str, *, seq_len: int,
+                           packed: bool | None) -> tuple[ModelConfig, str]:
+    """The concrete attention for a run on ``platform`` (a device's ``.platform``: cpu, gpu, tpu)
+    with rows of ``seq_len`` tokens, ``packed`` when they hold several documents (None: unknown).
+
+    ``auto`` picks Splash on TPU, cuDNN on GPU for unpacked bfloat16/float16 rows and the Pallas
+    kernel for packed ones, and on a CPU ``chunked`` when ``attention_chunk`` is set, else
+    ``xla``. An explicit kernel that cannot run the case is a ConfigError. Returns the config
+    with the concrete choice and a one-line description to log at the start of the run.
+    """
+    platform = _platform_name(platform)
+    impl = cfg.attention_impl
+    why = ""
+    if impl == "auto":
+        fallback = "chunked" if cfg.attention_chunk else "xla"
+        if platform == "tpu":
+            candidates = ["splash"]
+        elif platform == "gpu":
+            cudnn_ok = cfg.dtype in ("bfloat16", "float16") and packed is False and \
+                cfg.resolved_head_dim % 8 == 0 and cfg.resolved_head_dim <= 256
+            candidates = (["cudnn"] if cudnn_ok else []) + ["pallas_gpu"]
+        else:
+            candidates = []
+        impl = next((c for c in candidates
+                     if attention_impl_problem(cfg, c, platform, seq_len, packed) is None), fallback)
+        why = f" (auto on {platform}{', packed rows' if packed else ''}, seq_len {seq_len})"
+    else:
+        problem = attention_impl_problem(cfg, impl, platform, seq_len, packed)
+        if problem:
+            raise ConfigError(f"model.attention_impl={impl!r} {problem}")
+    cached = cached_attention_impl(cfg.replace(attention_impl=impl))
+    note = "" if impl in ("xla", "chunked") else (
+        f"; calls with a KV cache (prefill, decoding) use the {cached} path")
+    if impl in KERNEL_IMPLS and impl != "cudnn":
+        bq, bkv = kernel_blocks(cfg, impl, seq_len)
+        why += f", blocks q={bq} kv={bkv}" + (", interpret mode" if cfg.attention_interpret else "")
+    return cfg.replace(attention_impl=impl), f"attention: {impl}{why}{note}"

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from free_transformer_jax.model.config import ModelConfig
+from free_transformer_jax.model.config import KERNEL_IMPLS, ModelConfig
+from free_transformer_jax.model.kernels import kernel_attention
 
 Array = jax.Array
 NEG_INF = -1e30  # finite: a fully masked row (padding) gives a uniform softmax, never NaN
@@ -45,12 +46,15 @@ class AttnContext:
       with one). Attention never crosses a segment boundary.
     cache_index: None without a cache; else the scalar slot where the new tokens are written, which
       is also the absolute index of the first query for the causal mask.
+    impl: which attention computes this pass (static): xla, chunked, or a kernel of
+      ``kernels.py`` (only without a cache); see ``kernels.trace_impl``.
     """
 
     positions: Array
     segment_ids: Array
     kv_segment_ids: Array
     cache_index: Array | None = None
+    impl: str = flax.struct.field(pytree_node=False, default="xla")
 
 
 def attention_mask(q_seg_BT: Array, q_idx_T: Array, kv_seg_BS: Array, causal: bool) -> Array:
@@ -172,7 +176,11 @@ class Attention(nn.Module):
         offset = 0 if ctx.cache_index is None else ctx.cache_index
         q_idx = offset + jnp.arange(t)
         chunk = cfg.attention_chunk
-        if chunk and t > chunk and t % chunk == 0:
+        if ctx.impl in KERNEL_IMPLS:
+            if cache is not None:
+                raise ValueError(f"attention kernel {ctx.impl!r} cannot read a KV cache")
+            out = kernel_attention(ctx.impl, q, k, v, ctx.segment_ids, self.causal, cfg)
+        elif ctx.impl == "chunked" and t > chunk and t % chunk == 0:
             out = chunked_attention(q, k, v, ctx.segment_ids, q_idx, ctx.kv_segment_ids, self.causal,
                                     dt, chunk)
         else:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from free_transformer_jax.model import latent as latent_lib
 from free_transformer_jax.model.config import ModelConfig
+from free_transformer_jax.model.kernels import trace_impl
 from free_transformer_jax.model.layers import (AttnContext, Block, RMSNorm, Stack, constrain,
                                                logical_param, maybe_remat)
 
@@ -92,17 +93,20 @@ class FreeTransformer(nn.Module):
         b, t = tokens_BT.shape
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
+        # init only creates parameters, which no attention choice changes (and its dummy input
+        # need not suit a kernel): the xla path there
+        impl = "xla" if self.is_initializing() else trace_impl(cfg, t, cached=cache is not None)
         if cache is None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            ctx = AttnContext(positions, segment_ids, segment_ids, None)
+            ctx = AttnContext(positions, segment_ids, segment_ids, None, impl)
         else:
             idx = cache["index"]
             if positions is None:
                 positions = jnp.broadcast_to(idx + jnp.arange(t, dtype=jnp.int32), (b, t))
             kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
                                                   (0, idx))
-            ctx = AttnContext(positions, segment_ids, kv_seg, idx)
+            ctx = AttnContext(positions, segment_ids, kv_seg, idx, impl)
         layer_cache = (lambda name: None) if cache is None else (lambda name: cache[name])
 
         embedding = logical_param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -152,7 +156,7 @@ class FreeTransformer(nn.Module):
                 codes = latent_lib.prior_codes(self.make_rng("latent"), shape, cfg.latent_bits, row_ids)
                 return jnp.take(table, codes, axis=0), {"codes": codes}
             # the encoder sees only this call's tokens (e.g. the prompt at prefill), never a cache
-            enc_ctx = AttnContext(ctx.positions, ctx.segment_ids, ctx.segment_ids, None)
+            enc_ctx = AttnContext(ctx.positions, ctx.segment_ids, ctx.segment_ids, None, ctx.impl)
             bit_logits = Encoder(cfg, name="encoder")(x_mid_BTD, enc_ctx)
             codes = latent_lib.sample_codes(self.make_rng("latent"), bit_logits, row_ids)
             if cfg.latent_impl == "fused":

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from free_transformer_jax import sharding as shard_lib
-from free_transformer_jax.model.config import ConfigError, ModelConfig
+from free_transformer_jax.model.config import ConfigError, ModelConfig, resolve_attention_impl
 from free_transformer_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from free_transformer_jax.train.state import TrainState, init_state, state_shardings
 from free_transformer_jax.train.step import BATCH_KEYS, jit_train_step
@@ -92,6 +93,12 @@ def build_program(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -
     t = config.train
     mesh = shard_lib.make_mesh(config.mesh) if mesh is None else mesh
     shard_lib.check_batch(int(t.batch_size), mesh, int(t.grad_accum))
+    # the attention kernel for the mesh's platform and the data's rows (one line, a ConfigError
+    # when an explicit kernel cannot run them); model/kernels.py re-checks at trace time
+    cfg, attention = resolve_attention_impl(cfg, mesh.devices.flat[0].platform,
+                                            seq_len=int(config.data.seq_len),
+                                            packed=config.data.packing != "none")
+    logging.info("%s", attention)
     schedule = learning_rate_schedule(config.optim, int(t.steps))
     tx = make_optimizer(config.optim, int(t.steps), schedule=schedule)
     abstract, shardings = state_shardings(cfg, tx, mesh)

@@ -1,0 +1,231 @@
+"""Step time of compiled train steps, variants side by side in one run: the benchmark harness.
+
+    python bench/step_time.py --config=configs/bench_cpu.py --variants=baseline,free \
+        --attention_impl=xla,chunked --config.model.attention_chunk=128 --steps=3 --repeats=5
+
+Each case (variant x attention_impl) is built by the project's program builder
+(``train/program.py``: what is timed is what trains) in its own worker process, so its peak
+memory is its own; the cases' timed rounds are interleaved (one round = ``--steps`` steps of every
+case, in an order rotated each round), so a slow minute on a shared machine hits every case alike.
+Prints, per case, the median step time and its spread over rounds, tokens/s, MFU (analytic FLOPs,
+``flops.py``), compiled temporaries, peak RSS (and peak device memory on an accelerator), and per
+attention_impl the Free Transformer / baseline time ratio next to the analytic FLOP ratio. Writes
+the whole record as JSON (``--json``; default ``$OUT/step_time.json`` when ``$OUT`` is set, else
+``step_time.json``). Batches are random tokens, one document per row (no packing).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform as platform_lib
+import statistics
+import sys
+import time
+import traceback
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_VARIANTS = flags.DEFINE_list("variants", ["baseline", "free"],
+                              "baseline (model.latent=False) and/or free (latent=True).")
+_IMPLS = flags.DEFINE_list("attention_impl", [], "model.attention_impl values to compare "
+                           "(default: the config's).")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per case per round.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds; each runs --steps steps of every case.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per case after compiling.")
+_JSON = flags.DEFINE_string("json", None, "Where to write the JSON record.")
+_SEED = flags.DEFINE_integer("seed", 0, "Parameter / data seed.")
+
+VARIANTS = ("baseline", "free")
+
+
+def case_config(config_dict: dict, variant: str, impl: str | None):
+    """The experiment config of one case: the latent on or off, the attention choice."""
+    import ml_collections
+
+    c = ml_collections.ConfigDict(config_dict)
+    c.model.latent = variant == "free"
+    if impl:
+        c.model.attention_impl = impl
+    return c
+
+
+def _host_batch(abstract: dict, vocab: int, seed: int) -> dict:
+    """Random tokens, one document per row, for every array of the program's batch."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, spec in abstract.items():
+        b, t = spec.shape[:2]
+        if name in ("inputs", "targets"):
+            out[name] = rng.integers(0, vocab, spec.shape).astype(spec.dtype)
+        elif name == "positions":
+            out[name] = np.broadcast_to(np.arange(t), spec.shape).astype(spec.dtype)
+        else:  # segment_ids, loss_mask
+            out[name] = np.ones(spec.shape, spec.dtype)
+    return out
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _worker(conn, config_dict: dict, variant: str, impl: str | None, warmup: int, seed: int):
+    """One case in its own process: build, compile, warm up, then time steps when asked."""
+    try:
+        import jax
+
+        from free_transformer_jax import flops as flops_lib
+        from free_transformer_jax.model.config import ModelConfig, resolve_attention_impl
+        from free_transformer_jax.train.program import build_program
+
+        config = case_config(config_dict, variant, impl)
+        device = jax.devices()[0]
+        cfg, line = resolve_attention_impl(
+            ModelConfig.from_dict(config.model), device.platform, seq_len=config.data.seq_len,
+            packed=config.data.packing != "none")
+        config.model.attention_impl = cfg.attention_impl
+        t0 = time.perf_counter()
+        program = build_program(config)
+        compiled = program.lower().compile()
+        compile_s = time.perf_counter() - t0
+        state = program.init_state(seed=seed)
+        abstract = program.abstract_batch()
+        batch = jax.device_put(_host_batch(abstract, cfg.vocab_size, seed), program.batch_shardings)
+        for _ in range(warmup):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        b, t = abstract["inputs"].shape[:2]
+        fpt = flops_lib.train_flops_per_token(cfg, t)
+        conn.send({"ready": True, "attention": line, "resolved_impl": cfg.attention_impl, "compile_s": compile_s,
+                   "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+                   "argument_bytes": compiled.memory_analysis().argument_size_in_bytes,
+                   "flops_per_token": fpt["total"], "tokens_per_step": b * t,
+                   "n_devices": len(program.mesh.devices.flat), "device_kind": device.device_kind,
+                   "platform": device.platform, "jax": jax.__version__,
+                   "peak_flops_per_device": flops_lib.peak_flops_per_device(device),
+                   "loss": float(metrics["loss"])})
+        while True:
+            msg = conn.recv()
+            if msg[0] == "run":
+                t0 = time.perf_counter()
+                for _ in range(msg[1]):
+                    state, metrics = compiled(state, batch)
+                jax.block_until_ready(metrics)
+                conn.send({"seconds": (time.perf_counter() - t0) / msg[1]})
+            else:
+                stats = getattr(device, "memory_stats", lambda: None)() or {}
+                conn.send({"peak_rss_bytes": _peak_rss_bytes(),
+                           "device_peak_bytes": stats.get("peak_bytes_in_use"),
+                           "final_loss": float(metrics["loss"])})
+                return
+    except Exception as e:  # reported by the parent as one line, with the traceback below it
+        conn.send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+
+
+def summarize(cases: list[dict]) -> dict:
+    """Median and spread per case; FT/baseline time and analytic FLOP ratios per attention."""
+    for c in cases:
+        times = c["round_seconds"]
+        med = statistics.median(times)
+        c["median_s"] = med
+        c["spread"] = (max(times) - min(times)) / med if med else float("nan")
+        c["tokens_per_s"] = c["tokens_per_step"] / med
+        peak = c["peak_flops_per_device"]
+        c["mfu"] = c["tokens_per_s"] * c["flops_per_token"] / (c["n_devices"] * peak) if peak else None
+    ratios = {}
+    for impl in dict.fromkeys(c["impl"] for c in cases):
+        by = {c["variant"]: c for c in cases if c["impl"] == impl}
+        if set(VARIANTS) <= set(by):
+            ratios[impl] = {
+                "time_ratio": by["free"]["median_s"] / by["baseline"]["median_s"],
+                "flop_ratio": by["free"]["flops_per_token"] / by["baseline"]["flops_per_token"],
+                "extra_peak_rss_gb": (by["free"]["peak_rss_bytes"]
+                                      - by["baseline"]["peak_rss_bytes"]) / 1e9}
+    return ratios
+
+
+def _table(cases: list[dict], ratios: dict) -> str:
+    gb = lambda x: "-" if x is None else f"{x / 1e9:.2f}"
+    lines = [f"{'case':24s} {'median ms':>9s} {'spread':>7s} {'tok/s':>9s} {'MFU':>6s} "
+             f"{'temp GB':>8s} {'RSS GB':>7s} {'dev GB':>7s}"]
+    for c in cases:
+        mfu = "-" if c["mfu"] is None else f"{100 * c['mfu']:.1f}%"
+        name = c["impl"] if c["impl"] == c["resolved_impl"] else f"{c['impl']}->{c['resolved_impl']}"
+        lines.append(f"{c['variant'] + '/' + name:24s} {1e3 * c['median_s']:9.1f} "
+                     f"{100 * c['spread']:6.1f}% {c['tokens_per_s']:9.0f} {mfu:>6s} "
+                     f"{gb(c['temp_bytes']):>8s} {gb(c['peak_rss_bytes']):>7s} "
+                     f"{gb(c['device_peak_bytes']):>7s}")
+    for impl, r in ratios.items():
+        lines.append(f"free/baseline [{impl}]: time {r['time_ratio']:.3f} (analytic FLOP ratio "
+                     f"{r['flop_ratio']:.3f}), peak RSS +{r['extra_peak_rss_gb']:.2f} GB")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    bad = [v for v in _VARIANTS.value if v not in VARIANTS]
+    if bad or not _VARIANTS.value:
+        sys.exit(f"error: --variants={','.join(_VARIANTS.value)}: each must be one of {VARIANTS}")
+    config = _CONFIG.value
+    impls = _IMPLS.value or [config.model.attention_impl]
+    impls = list(dict.fromkeys(impls))
+    cases = [{"variant": v, "impl": i} for i in impls for v in _VARIANTS.value]
+    ctx = mp.get_context("spawn")
+    conf = config.to_dict()
+    print(f"step_time: {len(cases)} cases, {_REPEATS.value} rounds x {_STEPS.value} steps, "
+          f"batch {config.train.batch_size} x {config.data.seq_len}", flush=True)
+    try:
+        for c in cases:  # built one at a time: compile times and memory are each case's own
+            parent, child = ctx.Pipe()
+            c["process"] = ctx.Process(target=_worker, args=(child, conf, c["variant"], c["impl"],
+                                                             _WARMUP.value, _SEED.value))
+            c["process"].start()
+            c["conn"] = parent
+            info = parent.recv()
+            if "error" in info:
+                print(info["traceback"], file=sys.stderr)
+                sys.exit(f"error: {c['variant']}/{c['impl']}: {info['error']}")
+            c.update(info)
+            print(f"  {c['variant']:8s} {info['attention']}; compiled in {info['compile_s']:.1f} s",
+                  flush=True)
+        for c in cases:
+            c["round_seconds"] = []
+        for r in range(_REPEATS.value):
+            order = cases[r % len(cases):] + cases[:r % len(cases)]
+            for c in order:
+                c["conn"].send(("run", _STEPS.value))
+                c["round_seconds"].append(c["conn"].recv()["seconds"])
+        for c in cases:
+            c["conn"].send(("stop",))
+            c.update(c["conn"].recv())
+    finally:
+        for c in cases:
+            if "process" in c:
+                c["process"].join(timeout=60)
+                if c["process"].is_alive():
+                    c["process"].terminate()
+    for c in cases:
+        del c["process"], c["conn"]
+    ratios = summarize(cases)
+    print(_table(cases, ratios))
+    record = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "argv": sys.argv, "host": platform_lib.node(), "cpu_count": os.cpu_count(),
+              "steps_per_round": _STEPS.value, "rounds": _REPEATS.value,
+              "config": json.loads(config.to_json_best_effort()), "cases": cases, "ratios": ratios}
+    path = _JSON.value or os.path.join(os.environ.get("OUT", "."), "step_time.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
