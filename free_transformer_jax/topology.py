@@ -41,7 +41,8 @@ def topology_name(slice_name: str) -> tuple[str, float]:
             i += 1
         if dims[0] * dims[1] * dims[2] != chips:
             raise TopologyError(f"--topology={slice_name}: {chips} chips is not a power of two")
-        dims.sort()
+        # ascending, except that a slice one chip deep is named 2x2x1 (libtpu refuses 1x2x2)
+        dims.sort(key=lambda d: (d == 1, d))
         return f"{gen}:{dims[0]}x{dims[1]}x{dims[2]}", hbm
     side = int(chips**0.5)
     shape = f"{side}x{chips // side}" if side * (chips // side) == chips else f"1x{chips}"

@@ -75,6 +75,8 @@ def test_topology_names_and_a_missing_libtpu_is_one_line():
     assert topology.topology_name("v5p-128") == ("v5p:4x4x4", 95)  # 128 cores = 64 chips
     assert topology.topology_name("v4-64") == ("v4:2x4x4", 32)
     assert topology.topology_name("v5e-256") == ("v5e:16x16", 16)
+    assert topology.topology_name("v5p-8") == ("v5p:2x2x1", 95)  # the smallest v5p slice
+    assert topology.topology_name("v5p-32") == ("v5p:2x2x4", 95)
     assert topology.topology_name("v5p:2x2x2")[0] == "v5p:2x2x2"
     with pytest.raises(topology.TopologyError, match="expected e.g. v5p-128"):
         topology.topology_name("tpu-big")
