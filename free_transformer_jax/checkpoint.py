@@ -182,15 +182,33 @@ class Checkpointer:
             self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
             self.quarantine = os.path.join(os.path.abspath(workdir), "corrupt_checkpoints")
         quiet_aborted_io()
+        if create:  # a training run owns the directory; a reader (eval, export) must not delete
+            self._remove_unfinished_saves()  # another job's save in progress
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                               enable_async_checkpointing=async_save,
-                                               cleanup_tmp_directories=True)
+                                               enable_async_checkpointing=async_save)
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot use {self.directory} for checkpoints: {first_line(e)}; "
                                   "pass a --workdir where directories can be created") from e
         self._in_flight: int | None = None  # step of an asynchronous save not yet known committed
+
+    def _remove_unfinished_saves(self) -> None:
+        """Deletes ``<step>.orbax-checkpoint-tmp`` directories left by a save killed half-way (never
+        a checkpoint: Orbax renames a step only once complete), on the primary process, before the
+        run saves anything. Done here, synchronously and one tree at a time, rather than with
+        Orbax's ``cleanup_tmp_directories``, which removes a step's directory and the item
+        directories inside it concurrently and then fails on files the other removal took."""
+        if jax.process_index() != 0:
+            return
+        root = epath.Path(self.directory)
+        try:
+            leftovers = sorted(root.glob("*.orbax-checkpoint-tmp*")) if root.exists() else []
+            for path in leftovers:
+                path.rmtree(missing_ok=True)
+                logging.warning("removed %s: an unfinished save (never a checkpoint)", path)
+        except OSError as e:  # unwritable: the first save reports it in one line
+            logging.warning("could not remove unfinished saves in %s: %s", root, first_line(e))
 
     # Queries ----------------------------------------------------------------------------------------
     def latest_step(self) -> int | None:

@@ -165,13 +165,13 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     if mode not in MODES:
         raise DistributedError(f"--distributed={mode!r}: must be one of {MODES}")
     if mode == "off":
-        logging.info("distributed: off (--distributed=off); one process")
+        logging.debug("distributed: off (--distributed=off); one process")
         return None
     launch = detect(coordinator_address, num_processes, process_id)
     if launch is None and mode == "on":
         launch = Launch("JAX auto-detection (--distributed=on)")
     if launch is None:
-        logging.info("distributed: one process (no multi-process flags, %s, SLURM, Open MPI or "
+        logging.debug("distributed: one process (no multi-process flags, %s, SLURM, Open MPI or "
                      "Cloud TPU detected)", ENV_COORDINATOR)
         return None
     logging.info("distributed: %s", launch.describe())

@@ -107,6 +107,9 @@ def test_training_writes_config_and_events_to_the_remote_workdir(gcs, tmp_path_f
         def __next__(self):
             raise _Stop
 
+        def close(self):  # the trainer closes its iterator
+            pass
+
     monkeypatch.setattr(data_lib, "make_iterator", lambda *a, **kw: Stopper())
     c = tiny_train_config(steps=2)
     with pytest.raises(_Stop):

@@ -274,7 +274,7 @@ def test_two_processes_train_resume_and_evaluate_like_one(tmp_path):
     from free_transformer_jax.checkpoint import Checkpointer
     from free_transformer_jax.train.optimizer import make_optimizer
     from free_transformer_jax.train.state import state_shardings
-    from free_transformer_jax.trainer import validate_config
+    from free_transformer_jax.train.program import validate_config
 
     mesh = shard_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     abstract, _ = state_shardings(validate_config(config), make_optimizer(config.optim, 6), mesh)
