@@ -20,6 +20,7 @@ import pytest
 
 from free_transformer_jax.checkpoint import (Checkpointer, CheckpointError, NonFiniteStateError,
                                              load_model)
+from free_transformer_jax.model.config import ConfigError
 from free_transformer_jax.preemption import PreemptionWatcher
 from free_transformer_jax.trainer import train
 from helpers import tiny_train_config
@@ -314,7 +315,11 @@ def test_a_checkpoint_directory_that_cannot_be_created_is_one_line(tmp_path):
 
 # Another model shape ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value", [("d_model", 64), ("latent", False)])
-def test_another_model_shape_is_refused_naming_the_field(straight, field, value, monkeypatch):
+def test_another_model_shape_is_refused_naming_the_field(straight, field, value, monkeypatch,
+                                                          tmp_path):
+    """Two independent refusals, both before the training loop (where the step compiles): the
+    run's config.json (configlib.check_resume) and, without it, the checkpoint's own parameter
+    shapes against the config (Checkpointer.check_shapes)."""
     c = run_config()
     c.model[field] = value
     import free_transformer_jax.trainer as trainer_lib
@@ -324,6 +329,11 @@ def test_another_model_shape_is_refused_naming_the_field(straight, field, value,
                              "the checkpoint")
 
     monkeypatch.setattr(trainer_lib, "_loop", no_compile)
+    with pytest.raises(ConfigError, match=rf"differs from its config.json in model\.{field}: "):
+        train(c, str(straight[0]))
+    copy = tmp_path / "copy"
+    shutil.copytree(straight[0], copy)
+    os.remove(copy / "config.json")  # e.g. a workdir whose config.json was lost
     with pytest.raises(CheckpointError, match=rf"another model shape: model\.{field}={value!r} "
                                               rf"\(checkpoint: .*\)"):
-        train(c, str(straight[0]))
+        train(c, str(copy))
