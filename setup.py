@@ -35,5 +35,7 @@ setup(
         "test": ["pytest>=8", "torch>=2.13", "transformers>=5"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
+        # gs:// work directories and data: etils epath serves them through fsspec's gcsfs
+        "gcs": ["gcsfs>=2024.2"],
     },
 )
