@@ -243,6 +243,14 @@ def write_table(outdir, models, analyses, checks, provenance):
     if goals:
         provenance = [*provenance, "", f"Goals met: {len(goals) - len(missed)} of {len(goals)}"
                       + (f"; not met: {'; '.join(missed)}." if missed else ".")]
+    def boot_table(columns, source: str) -> list[str]:
+        """A markdown table: one row per model, each column a metric's bootstrap summary."""
+        return (["| model | seeds | " + " | ".join(c for _, c in columns) + " |",
+                 "|---|---|" + "---|" * len(columns)]
+                + [f"| {label(name)} | {seeds(name, source)} | "
+                   + " | ".join(sm.fmt_boot(a["all"].get(m)) for m, _ in columns) + " |"
+                   for name, a in analyses.items()])
+
     lines = [*provenance, "",
              "Every `a ± b` is the seed mean ± its bootstrap standard error: replicates resample "
              "the seeds, then the Z groups within each seed (a group's sequences share a prompt "
@@ -251,20 +259,11 @@ def write_table(outdir, models, analyses, checks, provenance):
              "of the prompt letter and `!` holding at least 3 consecutive letters (most letters, "
              "leftmost); a sequence with no such window agrees with nothing. `excess` = shared "
              "minus independent Z, resampled together within a seed.", "",
-             "| model | seeds | " + " | ".join(c for _, c in GEN_COLUMNS) + " |",
-             "|---|---|" + "---|" * len(GEN_COLUMNS)]
-    for name, a in analyses.items():
-        lines.append(f"| {label(name)} | {seeds(name, 'samples')} | "
-                     + " | ".join(sm.fmt_boot(a["all"].get(m)) for m, _ in GEN_COLUMNS) + " |")
+             *boot_table(GEN_COLUMNS, "samples")]
     lines += ["", "Likelihoods on validation batches (per token; the spread is over seeds only). "
               "CE posterior uses the encoder's Z and is not comparable to the baseline's CE; the "
               "ELBO (CE posterior + KL) bounds -log p and is; CE prior draws Z uniformly as in "
-              "generation.", "",
-              "| model | seeds | " + " | ".join(c for _, c in EVAL_COLUMNS) + " |",
-              "|---|---|" + "---|" * len(EVAL_COLUMNS)]
-    for name, a in analyses.items():
-        lines.append(f"| {label(name)} | {seeds(name, 'runs')} | "
-                     + " | ".join(sm.fmt_boot(a["all"].get(m)) for m, _ in EVAL_COLUMNS) + " |")
+              "generation.", "", *boot_table(EVAL_COLUMNS, "runs")]
     lines += ["", "What Z encodes (512 validation records; seed mean, then each seed). CE in nats "
               "by kind of target: without Z a `!` costs ln 16 = 2.773 wherever it is. bit vs "
               "X: the largest, over the latent bits, of the |correlation| between the bit's "
