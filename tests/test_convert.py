@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from free_transformer_jax.convert import ConversionError, from_hf_llama  # noqa: E402
 from free_transformer_jax.model.transformer import FreeTransformer  # noqa: E402
+from hf_reference import hf_logits  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -33,10 +34,6 @@ def make_hf(tmp_path, tie=False, rope=None, layers=4, seed=0):
     model.save_pretrained(path)
     return model, str(path)
 
-
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
 
 
 @pytest.mark.parametrize("tie,rope", [(False, None), (True, LLAMA3_ROPE)])

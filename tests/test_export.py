@@ -25,6 +25,7 @@ from free_transformer_jax.train.optimizer import make_optimizer  # noqa: E402
 from free_transformer_jax.train.state import TrainState  # noqa: E402
 from free_transformer_jax.trainer import train  # noqa: E402
 from helpers import tiny_train_config  # noqa: E402
+from hf_reference import hf_logits  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("export_cli", os.path.join(ROOT, "launch", "export.py"))
@@ -57,10 +58,6 @@ def hf_twin_of(c, tmp):
     model.save_pretrained(path)
     return model, path
 
-
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
 
 
 TOKENS = np.random.default_rng(0).integers(0, 29, (2, 48)).astype(np.int32)
