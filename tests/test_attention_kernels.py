@@ -155,10 +155,12 @@ def model_loss_and_grads(cfg, params, tokens, seg, pos):
     return jax.value_and_grad(loss, has_aux=True)(params)
 
 
-def test_model_with_a_kernel_matches_xla():
+@pytest.mark.parametrize("impl", ["kernel", "blocked"])
+def test_model_with_a_kernel_matches_xla(impl):
     """The whole Free Transformer (causal decoder block, injection block with keys/values from
     norm(x + r), non-causal encoder with zeta queries) on packed rows with one kv head, through
-    Splash (interpret mode) on a CPU, the Pallas GPU kernel on a GPU."""
+    Splash (interpret mode) on a CPU, the Pallas GPU kernel on a GPU, and the blocked pure-JAX
+    attention (128 positions in blocks of 64)."""
     t = 128
     ref_cfg = model_cfg()
     params = tiny_params(ref_cfg)
@@ -169,6 +171,8 @@ def test_model_with_a_kernel_matches_xla():
     kernel = ref_cfg.replace(attention_impl="pallas_gpu" if ON_GPU else "splash",
                              attention_interpret=not ON_GPU, attention_block_q=128,
                              attention_block_kv=128)
+    if impl == "blocked":
+        kernel = ref_cfg.replace(attention_impl="blocked")
     (l1, (lg1, aux1)), g1 = model_loss_and_grads(kernel, params, tokens, seg, pos)
     (l0, (lg0, aux0)), g0 = model_loss_and_grads(ref_cfg, params, tokens, seg, pos)
     np.testing.assert_allclose(lg1, lg0, **TOL)
@@ -206,7 +210,7 @@ def test_decoding_with_a_cache_uses_the_xla_path():
     ("gpu", False, "bfloat16", "cudnn"),
     ("gpu", True, "bfloat16", "pallas_gpu"),
     ("gpu", False, "float32", "pallas_gpu"),  # cuDNN flash attention has no float32
-    ("cpu", True, "float32", "xla"),
+    ("cpu", True, "float32", "blocked"),
 ])
 def test_auto_picks_the_kernel_for_the_platform(platform, packed, dtype, expected):
     cfg = model_cfg(attention_impl="auto", dtype=dtype)

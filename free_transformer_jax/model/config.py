@@ -15,10 +15,12 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 LATENT_IMPLS = ("fused", "dense")
-# xla: one dense einsum; chunked: the same, `attention_chunk` queries at a time; splash: the TPU
-# Splash kernel; cudnn: cuDNN flash attention (GPU); pallas_gpu: the Pallas/Triton flash kernel
-# (GPU); auto: the best of these for the platform (see resolve_attention_impl).
-ATTENTION_IMPLS = ("xla", "chunked", "splash", "cudnn", "pallas_gpu", "auto")
+# xla: one dense einsum, autodiffed (the reference); chunked: the same, `attention_chunk` queries
+# at a time; blocked: pure JAX, blocks of queries against the keys they see, with a written-out
+# flash-style backward (model/fused.py; any platform, the CPU default); splash: the TPU Splash
+# kernel; cudnn: cuDNN flash attention (GPU); pallas_gpu: the Pallas/Triton flash kernel (GPU);
+# auto: the best of these for the platform (see resolve_attention_impl).
+ATTENTION_IMPLS = ("xla", "chunked", "blocked", "splash", "cudnn", "pallas_gpu", "auto")
 KERNEL_IMPLS = ("splash", "cudnn", "pallas_gpu")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -55,7 +57,9 @@ class ModelConfig:
     inject_layer: int = -1  # -1: n_layers // 2. The encoder reads the stream after this many blocks.
     latent_impl: str = "fused"
     encoder_abs_pos: bool = True  # add a gated sinusoid to the encoder's zeta queries (see BUILD_NOTES)
-    latent_token_chunk: int = 256  # fused backward: positions per chunk (0 = whole sequence)
+    # fused backward: positions per chunk (-1: latent.auto_token_chunk's measured rule, about
+    # LATENT_CHUNK_BYTES of float32 per tokens x codes tensor; 0 = the whole sequence)
+    latent_token_chunk: int = -1
     latent_code_chunk: int = 0  # fused backward: codes per chunk (0 = all codes at once)
     # Numerics and memory.
     dtype: str = "float32"
@@ -71,7 +75,8 @@ class ModelConfig:
     # divides the sequence length.
     attention_chunk: int = 0
     # splash / pallas_gpu tile sizes along queries and keys (0: the kernel's default, 512 for
-    # splash and 128 for pallas_gpu, capped at the sequence length).
+    # splash and 128 for pallas_gpu, capped at the sequence length); blocked: queries per block
+    # (attention_block_q; 0: fused.attention_block's measured rule).
     attention_block_q: int = 0
     attention_block_kv: int = 0
     # Run the Pallas kernels (splash, pallas_gpu) in interpret mode: numerics on a CPU, slowly.
@@ -131,9 +136,11 @@ class ModelConfig:
             if self.resolved_head_dim % 8 or self.resolved_head_dim > 256:
                 fail("attention_impl", f"'cudnn' needs a head_dim that is a multiple of 8 and "
                      f"<= 256, not {self.resolved_head_dim}")
-        if self.latent_token_chunk < 0 or self.latent_code_chunk < 0:
-            fail("latent_token_chunk" if self.latent_token_chunk < 0 else "latent_code_chunk",
-                 "must be >= 0 (0 = no chunking)")
+        if self.latent_token_chunk < -1:
+            fail("latent_token_chunk", "must be -1 (the measured rule), 0 (no chunking) or a "
+                 "positive number of positions")
+        if self.latent_code_chunk < 0:
+            fail("latent_code_chunk", "must be >= 0 (0 = no chunking)")
         if self.latent_code_chunk and (2**self.latent_bits) % self.latent_code_chunk:
             fail("latent_code_chunk", f"must divide the number of codes 2**{self.latent_bits}")
 
@@ -198,6 +205,15 @@ def kernel_blocks(cfg: ModelConfig, impl: str, seq_len: int) -> tuple[int, int]:
             min(cfg.attention_block_kv or default, seq_len))
 
 
+def attention_block(seq_len: int, configured: int = 0) -> int:
+    """Queries per block: ``configured`` when set, else the measured rule: 64 (the fastest here for
+    the bench shape's T = 512, within 5% of 128), growing with the length so that a row is cut
+    into at most 16 blocks (each block is its own set of operations in the program)."""
+    if configured:
+        return min(configured, seq_len)
+    return min(seq_len, max(64, 64 * math.ceil(seq_len / 16 / 64)))
+
+
 def cached_attention_impl(cfg: ModelConfig) -> str:
     """The attention of calls with a KV cache (prefill, decoding), which no kernel here expresses
     (queries start at the cache index): chunked when ``attention_chunk`` is set and the choice is
@@ -209,7 +225,7 @@ def attention_impl_problem(cfg: ModelConfig, impl: str, platform: str, seq_len: 
                            packed: bool | None) -> str | None:
     """Why kernel ``impl`` cannot run this case (None when it can); ``packed=None``: unknown."""
     platform = _platform_name(platform)
-    if impl in ("xla", "chunked"):
+    if impl in ("xla", "chunked", "blocked"):
         return None
     home = "tpu" if impl == "splash" else "gpu"
     if platform != home and not (cfg.attention_interpret and impl != "cudnn"):
@@ -238,14 +254,14 @@ def resolve_attention_impl(cfg: ModelConfig, platform: str, *, seq_len: int,
 
     ``auto`` picks Splash on TPU, cuDNN on GPU for unpacked bfloat16/float16 rows and the Pallas
     kernel for packed ones, and on a CPU ``chunked`` when ``attention_chunk`` is set, else
-    ``xla``. An explicit kernel that cannot run the case is a ConfigError. Returns the config
+    ``blocked``. An explicit kernel that cannot run the case is a ConfigError. Returns the config
     with the concrete choice and a one-line description to log at the start of the run.
     """
     platform = _platform_name(platform)
     impl = cfg.attention_impl
     why = ""
     if impl == "auto":
-        fallback = "chunked" if cfg.attention_chunk else "xla"
+        fallback = "chunked" if cfg.attention_chunk else "blocked"
         if platform == "tpu":
             candidates = ["splash"]
         elif platform == "gpu":
@@ -264,6 +280,8 @@ def resolve_attention_impl(cfg: ModelConfig, platform: str, *, seq_len: int,
     cached = cached_attention_impl(cfg.replace(attention_impl=impl))
     note = "" if impl in ("xla", "chunked") else (
         f"; calls with a KV cache (prefill, decoding) use the {cached} path")
+    if impl == "blocked":
+        why += f", {attention_block(seq_len, cfg.attention_block_q)} queries per block"
     if impl in KERNEL_IMPLS and impl != "cudnn":
         bq, bkv = kernel_blocks(cfg, impl, seq_len)
         why += f", blocks q={bq} kv={bkv}" + (", interpret mode" if cfg.attention_interpret else "")

@@ -18,11 +18,17 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 LN2 = math.log(2.0)
+# The fused backward's working set: each positions x codes float32 tensor of one chunk is kept near
+# this size (three are live at once). Measured on the CPU bench shape (BUILD_NOTES "The decoder
+# at its floor on a CPU"): smaller chunks cost time (more loop steps), larger ones memory
+# without gaining time.
+LATENT_CHUNK_BYTES = 32 * 2**20
 
 
 # Codes and bits ----------------------------------------------------------------------------------
@@ -107,7 +113,7 @@ def dense_post_sampler(logits_BTH: Array, table_CD: Array, codes_BT: Array) -> A
 # Z @ W: the fused custom_vjp ---------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def fused_post_sampler(logits_BTH: Array, table_CD: Array, codes_BT: Array,
-                       token_chunk: int = 256, code_chunk: int = 0) -> Array:
+                       token_chunk: int = -1, code_chunk: int = 0) -> Array:
     """Same value and gradients as :func:`dense_post_sampler`; forward is ``W[codes]``."""
     return jnp.take(table_CD, codes_BT, axis=0).astype(jnp.float32)
 
@@ -145,6 +151,29 @@ def _chunk_logit_grad(l_BTH: Array, g_BTD: Array, table_CD: Array, code_chunk: i
     return acc - jax.nn.sigmoid(l_BTH) * total
 
 
+def rows_per_device(rows: int) -> int:
+    """The rows of a (B, ...) activation each device holds under the current mesh (its batch
+    axes, from the logical axis rules); ``rows`` outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return rows
+    axes = nn.logical_to_mesh_axes(("act_batch",))[0]
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = math.prod(mesh.shape[n] for n in names if n in mesh.shape)
+    return max(1, rows // shards)
+
+
+def auto_token_chunk(rows: int, seq_len: int, n_codes: int, code_chunk: int = 0) -> int:
+    """Positions per chunk of the fused backward: the largest power of two whose
+    (rows x chunk x codes) float32 tensor fits ``LATENT_CHUNK_BYTES`` (at least 1, at most the
+    sequence); ``rows`` are one device's."""
+    per_position = rows * (code_chunk or n_codes) * 4
+    chunk = 1
+    while chunk * 2 * per_position <= LATENT_CHUNK_BYTES and chunk < seq_len:
+        chunk *= 2
+    return min(chunk, seq_len)
+
+
 def _fused_bwd(token_chunk, code_chunk, res, g_BTD):
     logits, table, codes = res
     g32 = g_BTD.astype(jnp.float32)
@@ -152,6 +181,8 @@ def _fused_bwd(token_chunk, code_chunk, res, g_BTD):
     # dW: the forward value of G - sg(G) is zero, so only the sampled rows receive gradient.
     d_table = jnp.zeros(table.shape, jnp.float32).at[codes.reshape(-1)].add(g32.reshape(-1, d))
     # dl: chunked along the sequence (the batch axis stays whole so its sharding is untouched).
+    if token_chunk < 0:
+        token_chunk = auto_token_chunk(rows_per_device(b), t, table.shape[0], code_chunk)
     chunk = min(token_chunk or t, t)
     n_chunks = -(-t // chunk)
     pad = n_chunks * chunk - t

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from free_transformer_jax.model.config import KERNEL_IMPLS, ModelConfig
+from free_transformer_jax.model.config import KERNEL_IMPLS, ModelConfig, attention_block
+from free_transformer_jax.model.fused import blocked_attention, swiglu
 from free_transformer_jax.model.kernels import kernel_attention
 
 Array = jax.Array
@@ -180,6 +181,9 @@ class Attention(nn.Module):
             if cache is not None:
                 raise ValueError(f"attention kernel {ctx.impl!r} cannot read a KV cache")
             out = kernel_attention(ctx.impl, q, k, v, ctx.segment_ids, self.causal, cfg)
+        elif ctx.impl == "blocked" and cache is None:
+            out = blocked_attention(q, k, v, ctx.segment_ids, self.causal,
+                                    attention_block(t, cfg.attention_block_q))
         elif ctx.impl == "chunked" and t > chunk and t % chunk == 0:
             out = chunked_attention(q, k, v, ctx.segment_ids, q_idx, ctx.kv_segment_ids, self.causal,
                                     dt, chunk)
@@ -205,10 +209,8 @@ class MLP(nn.Module):
         w_gate = logical_param(self, "gate", (d, f), ("embed", "mlp"), init, cfg.weight_dtype)
         w_up = logical_param(self, "up", (d, f), ("embed", "mlp"), init, cfg.weight_dtype)
         w_down = logical_param(self, "down", (f, d), ("mlp", "embed"), init, cfg.weight_dtype)
-        gate = jnp.einsum("btd,df->btf", x_BTD, w_gate.astype(dt))
-        up = jnp.einsum("btd,df->btf", x_BTD, w_up.astype(dt))
-        hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
-        return jnp.einsum("btf,fd->btd", hidden, w_down.astype(dt))
+        # forward as down(silu(x @ gate) * (x @ up)), backward written out (model/fused.py)
+        return swiglu(x_BTD.astype(dt), w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
 
 
 class Block(nn.Module):
