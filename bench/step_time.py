@@ -38,6 +38,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds; each runs --steps steps o
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per case after compiling.")
 _JSON = flags.DEFINE_string("json", None, "Where to write the JSON record.")
 _SEED = flags.DEFINE_integer("seed", 0, "Parameter / data seed.")
+_TORCH = flags.DEFINE_bool("torch_reference", False, "Also time the baseline in PyTorch "
+                           "(transformers' LlamaForCausalLM at the config's shape, AdamW, float32: "
+                           "the decoder our HF parity tests match), interleaved with the other "
+                           "cases; needs torch and transformers (requirements-test.lock).")
 
 VARIANTS = ("baseline", "free")
 
@@ -129,6 +133,63 @@ def _worker(conn, config_dict: dict, variant: str, impl: str | None, warmup: int
         conn.send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
 
 
+def _torch_worker(conn, config_dict: dict, warmup: int, seed: int):
+    """The PyTorch reference case: the baseline decoder as transformers' Llama, same protocol."""
+    try:
+        import torch
+        import transformers
+
+        from free_transformer_jax import flops as flops_lib
+        from free_transformer_jax.model.config import ModelConfig
+
+        config = case_config(config_dict, "baseline", None)
+        cfg = ModelConfig.from_dict(config.model)
+        b, t = int(config.train.batch_size), int(config.data.seq_len)
+        torch.manual_seed(seed)
+        hf = transformers.LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+            head_dim=cfg.resolved_head_dim, intermediate_size=cfg.resolved_ffn_dim,
+            rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=t,
+            tie_word_embeddings=cfg.tie_embeddings)
+        model = transformers.LlamaForCausalLM(hf).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=float(config.optim.lr))
+        tokens = torch.randint(0, cfg.vocab_size, (b, t))
+
+        def step():
+            loss = model(tokens, labels=tokens).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        t0 = time.perf_counter()
+        for _ in range(max(warmup, 1)):
+            loss = step()
+        conn.send({"ready": True, "attention": f"torch {torch.__version__} "
+                   f"{model.config._attn_implementation}, {torch.get_num_threads()} threads",
+                   "resolved_impl": "torch", "compile_s": time.perf_counter() - t0,
+                   "temp_bytes": None, "argument_bytes": None,
+                   "flops_per_token": flops_lib.train_flops_per_token(cfg.replace(latent=False),
+                                                                      t)["total"],
+                   "tokens_per_step": b * t, "n_devices": 1, "device_kind": "cpu",
+                   "platform": "cpu", "jax": None,
+                   "peak_flops_per_device": flops_lib.measure_cpu_peak(), "loss": loss})
+        while True:
+            msg = conn.recv()
+            if msg[0] == "run":
+                t0 = time.perf_counter()
+                for _ in range(msg[1]):
+                    loss = step()
+                conn.send({"seconds": (time.perf_counter() - t0) / msg[1]})
+            else:
+                conn.send({"peak_rss_bytes": _peak_rss_bytes(), "device_peak_bytes": None,
+                           "final_loss": loss})
+                return
+    except Exception as e:
+        conn.send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+
+
 def summarize(cases: list[dict]) -> dict:
     """Median and spread per case; FT/baseline time and analytic FLOP ratios per attention."""
     for c in cases:
@@ -140,7 +201,8 @@ def summarize(cases: list[dict]) -> dict:
         peak = c["peak_flops_per_device"]
         c["mfu"] = c["tokens_per_s"] * c["flops_per_token"] / (c["n_devices"] * peak) if peak else None
     ratios = {}
-    for impl in dict.fromkeys(c["impl"] for c in cases):
+    torch_case = next((c for c in cases if c["variant"] == "pytorch"), None)
+    for impl in dict.fromkeys(c["impl"] for c in cases if c["variant"] != "pytorch"):
         by = {c["variant"]: c for c in cases if c["impl"] == impl}
         if set(VARIANTS) <= set(by):
             ratios[impl] = {
@@ -148,6 +210,9 @@ def summarize(cases: list[dict]) -> dict:
                 "flop_ratio": by["free"]["flops_per_token"] / by["baseline"]["flops_per_token"],
                 "extra_peak_rss_gb": (by["free"]["peak_rss_bytes"]
                                       - by["baseline"]["peak_rss_bytes"]) / 1e9}
+        if torch_case and "baseline" in by:
+            ratios.setdefault(impl, {})["baseline_speed_vs_pytorch"] = (
+                torch_case["median_s"] / by["baseline"]["median_s"])
     return ratios
 
 
@@ -163,8 +228,12 @@ def _table(cases: list[dict], ratios: dict) -> str:
                      f"{gb(c['temp_bytes']):>8s} {gb(c['peak_rss_bytes']):>7s} "
                      f"{gb(c['device_peak_bytes']):>7s}")
     for impl, r in ratios.items():
-        lines.append(f"free/baseline [{impl}]: time {r['time_ratio']:.3f} (analytic FLOP ratio "
-                     f"{r['flop_ratio']:.3f}), peak RSS +{r['extra_peak_rss_gb']:.2f} GB")
+        if "time_ratio" in r:
+            lines.append(f"free/baseline [{impl}]: time {r['time_ratio']:.3f} (analytic FLOP ratio "
+                         f"{r['flop_ratio']:.3f}), peak RSS +{r['extra_peak_rss_gb']:.2f} GB")
+        if "baseline_speed_vs_pytorch" in r:
+            lines.append(f"baseline [{impl}] tokens/s vs PyTorch's: "
+                         f"{r['baseline_speed_vs_pytorch']:.3f}x")
     return "\n".join(lines)
 
 
@@ -178,6 +247,8 @@ def main(argv):
     impls = _IMPLS.value or [config.model.attention_impl]
     impls = list(dict.fromkeys(impls))
     cases = [{"variant": v, "impl": i} for i in impls for v in _VARIANTS.value]
+    if _TORCH.value:
+        cases.append({"variant": "pytorch", "impl": "torch"})
     ctx = mp.get_context("spawn")
     conf = config.to_dict()
     print(f"step_time: {len(cases)} cases, {_REPEATS.value} rounds x {_STEPS.value} steps, "
@@ -185,8 +256,13 @@ def main(argv):
     try:
         for c in cases:  # built one at a time: compile times and memory are each case's own
             parent, child = ctx.Pipe()
-            c["process"] = ctx.Process(target=_worker, args=(child, conf, c["variant"], c["impl"],
-                                                             _WARMUP.value, _SEED.value))
+            if c["variant"] == "pytorch":
+                c["process"] = ctx.Process(target=_torch_worker,
+                                           args=(child, conf, _WARMUP.value, _SEED.value))
+            else:
+                c["process"] = ctx.Process(target=_worker, args=(child, conf, c["variant"],
+                                                                 c["impl"], _WARMUP.value,
+                                                                 _SEED.value))
             c["process"].start()
             c["conn"] = parent
             info = parent.recv()

@@ -117,26 +117,32 @@ def _attn_fwd(q, k, v, seg, causal, block):
 
 def _attn_bwd(causal, block, res, d_out):
     q_h, k_h, v_h, o_h, lse, seg = res
-    scale = q_h.shape[-1] ** -0.5
+    b, kvh, g, t, d = q_h.shape
+    scale = d ** -0.5
     do_h = jnp.transpose(d_out, (0, 2, 3, 1, 4)).astype(jnp.float32)  # B K G T D
     delta = jnp.sum(do_h * o_h.astype(jnp.float32), axis=-1)  # B K G T
     f32 = lambda a: a.astype(jnp.float32)
     dq_parts = []
     dk = jnp.zeros(k_h.shape, jnp.float32)
     dv = jnp.zeros(v_h.shape, jnp.float32)
-    for q0, q1, s1 in _blocks(q_h.shape[3], block, causal):
-        q_b, do_b = f32(q_h[:, :, :, q0:q1]), do_h[:, :, :, q0:q1]
+    for q0, q1, s1 in _blocks(t, block, causal):
+        n = q1 - q0
+        # one block's queries of every group as one axis: B K (G c) D
+        q_b = f32(q_h[:, :, :, q0:q1]).reshape(b, kvh, g * n, d)
+        do_b = do_h[:, :, :, q0:q1].reshape(b, kvh, g * n, d)
         k_b, v_b = f32(k_h[:, :, :s1]), f32(v_h[:, :, :s1])
-        # keys x queries: the layout dV = P^T dO, dK = dS^T Q and dQ^T = K^T dS^T read directly
-        s_t = jnp.einsum("bksd,bkgtd->bkgst", k_b, q_b) * scale
-        s_t = jnp.where(_visible(seg[:, q0:q1], seg[:, :s1], q0, causal), s_t, NEG_INF)
-        p_t = jnp.exp(s_t - lse[:, :, :, None, q0:q1])
-        dv = dv.at[:, :, :s1].add(jnp.einsum("bkgst,bkgtd->bkgsd", p_t, do_b).sum(axis=2))
-        dp_t = jnp.einsum("bksd,bkgtd->bkgst", v_b, do_b)
-        ds_t = p_t * (dp_t - delta[:, :, :, None, q0:q1]) * scale
-        dk = dk.at[:, :, :s1].add(jnp.einsum("bkgst,bkgtd->bkgsd", ds_t, q_b).sum(axis=2))
-        dq_parts.append(jnp.einsum("bksd,bkgst->bkgdt", k_b, ds_t))
-    dq = jnp.transpose(jnp.concatenate(dq_parts, axis=-1), (0, 4, 1, 2, 3))  # B T K G D
+        # keys x (group, query): the layout dV = P^T dO, dK = dS^T Q and dQ^T = K^T dS^T read
+        # directly, each one matmul per (row, kv head)
+        s_t = jnp.einsum("bksd,bkqd->bksq", k_b, q_b).reshape(b, kvh, s1, g, n) * scale
+        mask = _visible(seg[:, q0:q1], seg[:, :s1], q0, causal)[:, :, 0, :, None, :]
+        s_t = jnp.where(mask, s_t, NEG_INF)
+        p_t = jnp.exp(s_t - lse[:, :, None, :, q0:q1]).reshape(b, kvh, s1, g * n)
+        dv = dv.at[:, :, :s1].add(jnp.einsum("bksq,bkqd->bksd", p_t, do_b))
+        dp_t = jnp.einsum("bksd,bkqd->bksq", v_b, do_b)
+        ds_t = p_t * (dp_t - delta[:, :, :, q0:q1].reshape(b, kvh, 1, g * n)) * scale
+        dk = dk.at[:, :, :s1].add(jnp.einsum("bksq,bkqd->bksd", ds_t, q_b))
+        dq_parts.append(jnp.einsum("bksd,bksq->bkdq", k_b, ds_t).reshape(b, kvh, d, g, n))
+    dq = jnp.transpose(jnp.concatenate(dq_parts, axis=-1), (0, 4, 1, 3, 2))  # B T K G D
     return (dq.astype(q_h.dtype), jnp.transpose(dk, (0, 2, 1, 3)).astype(k_h.dtype),
             jnp.transpose(dv, (0, 2, 1, 3)).astype(v_h.dtype), None)
 
