@@ -6,7 +6,8 @@
 #   2. the attention kernel numerics tests on the GPU (Pallas GPU kernel and cuDNN against the
 #      xla reference, forward and gradients; Splash tests skip);
 #   3. bench/step_time.py at a 1.5B-like shape (configs/1p5b.py at 8 x 2048 tokens, one GPU):
-#      baseline vs Free Transformer with cuDNN, then the Free Transformer with xla and pallas_gpu.
+#      baseline vs Free Transformer with cuDNN, then the Free Transformer with xla, blocked and
+#      pallas_gpu.
 # Writes device_check.json (a summary), step_time_*.json and logs under $OUT (default
 # /tmp/device_check). Each stage has its own time limit; a failed stage is recorded, not fatal.
 #
@@ -47,7 +48,7 @@ if [[ "$MODE" == "--dry-run" ]]; then
          --config.model.ffn_dim=256 --config.data.seq_len=128 --config.model.attention_chunk=64
          --steps=1 --repeats=2)
   RUN1=(--variants=baseline,free --attention_impl=xla)
-  RUN2=(--variants=free --attention_impl=chunked)
+  RUN2=(--variants=free --attention_impl=chunked,blocked)
 else
   export JAX_PLATFORMS=cuda
   export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # 2 workers
@@ -68,12 +69,12 @@ else
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  TESTS=(tests/test_attention_kernels.py)
+  TESTS=(tests/test_attention_kernels.py tests/test_fused.py)
   SHAPE=(--config=configs/1p5b.py --config.data.source=synthetic --config.data.tokenizer=byte
          --config.data.seq_len=2048 --config.data.packing=none --config.data.num_workers=0
          --config.train.batch_size=8 --config.mesh.fsdp=1 --steps=3 --repeats=5)
   RUN1=(--variants=baseline,free --attention_impl=cudnn)
-  RUN2=(--variants=free --attention_impl=xla,pallas_gpu)
+  RUN2=(--variants=free --attention_impl=xla,blocked,pallas_gpu)
 fi
 "$PY" -c "import jax; print('jax', jax.__version__, jax.default_backend(), jax.devices())"
 

@@ -1,7 +1,9 @@
 """Step time of compiled train steps, variants side by side in one run: the benchmark harness.
 
     python bench/step_time.py --config=configs/bench_cpu.py --variants=baseline,free \
-        --attention_impl=xla,chunked --config.model.attention_chunk=128 --steps=3 --repeats=5
+        --attention_impl=blocked,xla --torch_reference --steps=2 --repeats=5
+    python bench/step_time.py --config=configs/bench_cpu.py \
+        --variants=baseline,free+latent_bits=8,free+latent_bits=12,free+latent_bits=12+latent_impl=dense
 
 Each case (variant x attention_impl) is built by the project's program builder
 (``train/program.py``: what is timed is what trains) in its own worker process, so its peak
@@ -9,7 +11,9 @@ memory is its own; the cases' timed rounds are interleaved (one round = ``--step
 case, in an order rotated each round), so a slow minute on a shared machine hits every case alike.
 Prints, per case, the median step time and its spread over rounds, tokens/s, MFU (analytic FLOPs,
 ``flops.py``), compiled temporaries, peak RSS (and peak device memory on an accelerator), and per
-attention_impl the Free Transformer / baseline time ratio next to the analytic FLOP ratio. Writes
+attention_impl each variant's time / baseline time next to the analytic FLOP ratio, with its extra
+peak RSS and temporaries (``--torch_reference``: also the baseline's speed relative to the same
+decoder in PyTorch, timed in the same rounds). Writes
 the whole record as JSON (``--json``; default ``$OUT/step_time.json`` when ``$OUT`` is set, else
 ``step_time.json``). Batches are random tokens, one document per row (no packing).
 """
@@ -29,8 +33,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_VARIANTS = flags.DEFINE_list("variants", ["baseline", "free"],
-                              "baseline (model.latent=False) and/or free (latent=True).")
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["baseline", "free"],
+    "baseline (model.latent=False) and/or free (latent=True), each optionally followed by "
+    "model overrides: free+latent_bits=12+latent_impl=dense.")
 _IMPLS = flags.DEFINE_list("attention_impl", [], "model.attention_impl values to compare "
                            "(default: the config's).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per case per round.")
@@ -46,12 +52,38 @@ _TORCH = flags.DEFINE_bool("torch_reference", False, "Also time the baseline in 
 VARIANTS = ("baseline", "free")
 
 
+def parse_variant(variant: str) -> tuple[str, dict]:
+    """``free+latent_bits=12+latent_impl=dense`` -> ("free", {"latent_bits": 12, ...}); values
+    are parsed as Python literals where they can be (numbers, True/False), else kept as text."""
+    import ast
+
+    kind, *overrides = variant.split("+")
+    if kind not in VARIANTS:
+        raise ValueError(f"--variants: {variant!r} must start with one of {VARIANTS}")
+    fields = {}
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--variants: {item!r} in {variant!r} is not a model_field=value")
+        try:
+            fields[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            fields[name] = value
+    return kind, fields
+
+
 def case_config(config_dict: dict, variant: str, impl: str | None):
-    """The experiment config of one case: the latent on or off, the attention choice."""
+    """The experiment config of one case: the latent on or off, the variant's model overrides,
+    the attention choice."""
     import ml_collections
 
+    kind, fields = parse_variant(variant)
     c = ml_collections.ConfigDict(config_dict)
-    c.model.latent = variant == "free"
+    c.model.latent = kind == "free"
+    for name, value in fields.items():
+        if name not in c.model:
+            raise ValueError(f"--variants: {variant!r}: the config has no model.{name}")
+        c.model[name] = value
     if impl:
         c.model.attention_impl = impl
     return c
@@ -204,12 +236,14 @@ def summarize(cases: list[dict]) -> dict:
     torch_case = next((c for c in cases if c["variant"] == "pytorch"), None)
     for impl in dict.fromkeys(c["impl"] for c in cases if c["variant"] != "pytorch"):
         by = {c["variant"]: c for c in cases if c["impl"] == impl}
-        if set(VARIANTS) <= set(by):
-            ratios[impl] = {
-                "time_ratio": by["free"]["median_s"] / by["baseline"]["median_s"],
-                "flop_ratio": by["free"]["flops_per_token"] / by["baseline"]["flops_per_token"],
-                "extra_peak_rss_gb": (by["free"]["peak_rss_bytes"]
-                                      - by["baseline"]["peak_rss_bytes"]) / 1e9}
+        base = by.get("baseline")
+        for name, c in by.items():
+            if base is not None and name != "baseline":
+                ratios.setdefault(impl, {})[name] = {
+                    "time_ratio": c["median_s"] / base["median_s"],
+                    "flop_ratio": c["flops_per_token"] / base["flops_per_token"],
+                    "extra_peak_rss_gb": (c["peak_rss_bytes"] - base["peak_rss_bytes"]) / 1e9,
+                    "extra_temp_gb": (c["temp_bytes"] - base["temp_bytes"]) / 1e9}
         if torch_case and "baseline" in by:
             ratios.setdefault(impl, {})["baseline_speed_vs_pytorch"] = (
                 torch_case["median_s"] / by["baseline"]["median_s"])
@@ -218,19 +252,23 @@ def summarize(cases: list[dict]) -> dict:
 
 def _table(cases: list[dict], ratios: dict) -> str:
     gb = lambda x: "-" if x is None else f"{x / 1e9:.2f}"
-    lines = [f"{'case':24s} {'median ms':>9s} {'spread':>7s} {'tok/s':>9s} {'MFU':>6s} "
+    width = max([24] + [len(c["variant"]) + len(c["impl"]) + 12 for c in cases])
+    lines = [f"{'case':{width}s} {'median ms':>9s} {'spread':>7s} {'tok/s':>9s} {'MFU':>6s} "
              f"{'temp GB':>8s} {'RSS GB':>7s} {'dev GB':>7s}"]
     for c in cases:
         mfu = "-" if c["mfu"] is None else f"{100 * c['mfu']:.1f}%"
         name = c["impl"] if c["impl"] == c["resolved_impl"] else f"{c['impl']}->{c['resolved_impl']}"
-        lines.append(f"{c['variant'] + '/' + name:24s} {1e3 * c['median_s']:9.1f} "
+        lines.append(f"{c['variant'] + '/' + name:{width}s} {1e3 * c['median_s']:9.1f} "
                      f"{100 * c['spread']:6.1f}% {c['tokens_per_s']:9.0f} {mfu:>6s} "
                      f"{gb(c['temp_bytes']):>8s} {gb(c['peak_rss_bytes']):>7s} "
                      f"{gb(c['device_peak_bytes']):>7s}")
     for impl, r in ratios.items():
-        if "time_ratio" in r:
-            lines.append(f"free/baseline [{impl}]: time {r['time_ratio']:.3f} (analytic FLOP ratio "
-                         f"{r['flop_ratio']:.3f}), peak RSS +{r['extra_peak_rss_gb']:.2f} GB")
+        for name, v in r.items():
+            if isinstance(v, dict):
+                lines.append(f"{name}/baseline [{impl}]: time {v['time_ratio']:.3f} (analytic FLOP "
+                             f"ratio {v['flop_ratio']:.3f}), peak RSS "
+                             f"{v['extra_peak_rss_gb']:+.2f} GB, temporaries "
+                             f"{v['extra_temp_gb']:+.2f} GB")
         if "baseline_speed_vs_pytorch" in r:
             lines.append(f"baseline [{impl}] tokens/s vs PyTorch's: "
                          f"{r['baseline_speed_vs_pytorch']:.3f}x")
@@ -240,9 +278,13 @@ def _table(cases: list[dict], ratios: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    bad = [v for v in _VARIANTS.value if v not in VARIANTS]
-    if bad or not _VARIANTS.value:
-        sys.exit(f"error: --variants={','.join(_VARIANTS.value)}: each must be one of {VARIANTS}")
+    if not _VARIANTS.value:
+        sys.exit(f"error: --variants is empty: give one or more of {VARIANTS}")
+    for v in _VARIANTS.value:
+        try:
+            case_config(_CONFIG.value.to_dict(), v, None)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     config = _CONFIG.value
     impls = _IMPLS.value or [config.model.attention_impl]
     impls = list(dict.fromkeys(impls))
@@ -270,7 +312,7 @@ def main(argv):
                 print(info["traceback"], file=sys.stderr)
                 sys.exit(f"error: {c['variant']}/{c['impl']}: {info['error']}")
             c.update(info)
-            print(f"  {c['variant']:8s} {info['attention']}; compiled in {info['compile_s']:.1f} s",
+            print(f"  {c['variant']} {info['attention']}; compiled in {info['compile_s']:.1f} s",
                   flush=True)
         for c in cases:
             c["round_seconds"] = []

@@ -2,7 +2,7 @@
 needs (model config, optimizer and learning-rate schedule, abstract state and its shardings, batch
 shardings, the jitted step).
 
-``trainer.train()``, ``launch/compile.py`` and ``bench/latent_overhead.py`` all build through
+``trainer.train()``, ``launch/compile.py`` and ``bench/step_time.py`` all build through
 :func:`build_program`, so the program compile.py measures (memory, FLOPs) is the one training runs;
 ``tests/test_program.py`` checks that both lower to identical HLO.
 """
