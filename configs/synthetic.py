@@ -16,7 +16,7 @@ def get_config():
     m.ffn_dim = 192
     m.inject_layer = 2  # the middle, as in the paper
     # [choice] the paper uses H = 16. On a 2-core CPU the 2^16 x D table's backward costs 6x a
-    # baseline step (bench/latent_overhead.py) and each of its rows is sampled too rarely to learn
+    # baseline step (BUILD_NOTES "Latent-path cost on this CPU") and each of its rows is sampled too rarely to learn
     # in a few thousand steps; H = 8 (256 codes, up to 8 bits per token) keeps both small for
     # kappa <= 1 bit. The KL of H bits never exceeds H bits, so at kappa = 8 bits H = 8 would
     # leave no KL term: launch/synthetic_sweep.py trains that model with H = 16

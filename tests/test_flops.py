@@ -15,9 +15,11 @@ B, T = 2, 128
 
 @pytest.mark.parametrize("latent", [False, True])
 def test_analytic_flops_match_xla(latent):
-    # unrolled layers and one latent chunk: XLA's cost analysis counts a loop body only once
+    # unrolled layers and one latent chunk: XLA's cost analysis counts a loop body only once; the
+    # dense xla attention (the blocked one skips masked key blocks and recomputes scores)
     cfg = ModelConfig(vocab_size=2048, d_model=256, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=1024,
-                      latent=latent, latent_bits=10, scan_layers=False, latent_token_chunk=0)
+                      latent=latent, latent_bits=10, scan_layers=False, latent_token_chunk=0,
+                      attention_impl="xla")
     params = nn.meta.unbox(jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0)))
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in ("inputs", "targets")}
     fn = jax.jit(lambda p, b: grads_and_metrics(cfg, p, b, jax.random.key(0), 1))

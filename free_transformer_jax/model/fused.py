@@ -9,7 +9,8 @@ data than multiplying (measured on a CPU, BUILD_NOTES "The decoder at its floor 
   ``block`` queries at a time against only the keys they can see (a causal block skips the keys
   after it), saving only (q, k, v, output, log-sum-exp) for the backward pass, as flash attention
   does, instead of the T x S probabilities. The backward pass recomputes each block's scores
-  transposed (keys x queries), the layout its three gradient products read without a transpose.
+  transposed, keys x (group, query), the layout its three gradient products read without a
+  transpose, each one matmul per (row, kv head).
 
 Both compute exactly what autodiff of the plain formulas computes (tests/test_fused.py compares
 values and gradients at 1e-5); only the order of operations and the layouts differ.
