@@ -78,7 +78,7 @@ else
 fi
 "$PY" -c "import jax; print('jax', jax.__version__, jax.default_backend(), jax.devices())"
 
-stage kernel_tests 120 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+stage kernel_tests 120 "$PY" -m pytest -q -o addopts= -p no:cacheprovider "${TESTS[@]}"
 stage step_time_ft_vs_base 180 "$PY" bench/step_time.py "${SHAPE[@]}" "${RUN1[@]}" \
   --json="$OUT_DIR/step_time_ft_vs_base.json"
 stage step_time_kernels 150 "$PY" bench/step_time.py "${SHAPE[@]}" "${RUN2[@]}" \

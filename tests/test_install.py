@@ -5,7 +5,7 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEST_ONLY = {"torch", "transformers", "pytest"}
+TEST_ONLY = {"torch", "transformers", "pytest", "pytest-xdist"}
 
 
 def _read(name):
