@@ -42,3 +42,20 @@ def tiny_train_config(steps: int = 6, **model):
     c.data.synthetic_size = 4096
     c.data.prefetch = 0
     return c
+
+
+def load_script(path: str, name: str):
+    """A script (launch/, bench/) as a module, its absl flags unregistered again: flags are
+    process-global, and another test file on the same worker may load a script defining the same
+    names (--config)."""
+    import importlib.util
+
+    from absl import flags
+
+    before = set(flags.FLAGS)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for flag in set(flags.FLAGS) - before:
+        delattr(flags.FLAGS, flag)
+    return module

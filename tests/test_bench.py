@@ -1,7 +1,6 @@
 """The benchmark harness's variant syntax and the latent backward's chunk rule (the harness's
 timing itself runs in bench/device_check.sh --dry-run; speed is never asserted in a test)."""
 
-import importlib.util
 import os
 
 import jax
@@ -9,12 +8,11 @@ import pytest
 
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model import latent
-from helpers import tiny_train_config
+from helpers import load_script, tiny_train_config
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "bench", "step_time.py")
-_SPEC = importlib.util.spec_from_file_location("step_time", _PATH)
-step_time = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(step_time)
+
+step_time = load_script(
+    os.path.join(os.path.dirname(__file__), "..", "bench", "step_time.py"), "step_time")
 
 
 def test_variants_take_typed_model_overrides():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from free_transformer_jax import synthetic_metrics as sm
+from helpers import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -250,12 +251,7 @@ def test_paper_ordering_checks_use_intervals():
 def test_rescore_of_the_first_sweeps_format(tmp_path):
     """An old-format results.json (samples of the first seed only, old metrics) re-scores into
     this version's tables, with the limits spelt out."""
-    import importlib.util
-
-    script = os.path.join(ROOT, "launch", "synthetic_sweep.py")
-    spec = importlib.util.spec_from_file_location("sweep", script)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_script(os.path.join(ROOT, "launch", "synthetic_sweep.py"), "sweep")
     rng = np.random.default_rng(4)
     metrics = {"pos_agree_shared": 0.5, "pos_agree_indep": 0.1, "noise_agree_shared": 0.1,
                "noise_agree_indep": 0.1, "validity": 0.9, "kl_bits": 0.1, "ce_posterior": 0.3,
