@@ -109,7 +109,9 @@ def mesh_axes_for(logical: str | None) -> Any:
     return _RULES[logical]
 
 
-def _axis_size(mesh: Mesh, axes: Any) -> int:
+def axis_size(mesh: Any, axes: Any) -> int:
+    """Devices along ``axes`` (a mesh axis name, a tuple of them, or None) of a mesh (concrete or
+    abstract)."""
     if axes is None:
         return 1
     axes = (axes,) if isinstance(axes, str) else axes
@@ -125,9 +127,9 @@ def logical_to_sharding(names: Sequence[str | None], shape: Sequence[int], mesh:
         axes = mesh_axes_for(name)
         axes_t = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
         axes_t = tuple(a for a in axes_t if a not in used and mesh.shape[a] > 1)
-        if axes_t and dim % _axis_size(mesh, axes_t):
+        if axes_t and dim % axis_size(mesh, axes_t):
             logging.info("sharding: %s dim %r of size %d not divisible by mesh axes %s (size %d); "
-                         "replicating it", where, name, dim, axes_t, _axis_size(mesh, axes_t))
+                         "replicating it", where, name, dim, axes_t, axis_size(mesh, axes_t))
             axes_t = ()
         used.update(axes_t)
         spec.append(None if not axes_t else (axes_t[0] if len(axes_t) == 1 else axes_t))
@@ -157,7 +159,7 @@ def check_batch(global_batch: int, mesh: Mesh, grad_accum: int = 1, field: str =
     """The (micro-)batch must split evenly over the batch-parallel devices and the processes."""
     if global_batch % grad_accum:
         raise MeshError(f"{field}={global_batch} is not divisible by train.grad_accum={grad_accum}")
-    n = _axis_size(mesh, BATCH_AXES)
+    n = axis_size(mesh, BATCH_AXES)
     micro = global_batch // grad_accum
     if micro % n:
         raise MeshError(f"{field}={global_batch} (micro-batch {micro}) must be divisible by "

@@ -24,8 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from free_transformer_jax.model.masking import NEG_INF, attention_mask
+
 Array = jax.Array
-NEG_INF = -1e30  # as layers.NEG_INF: finite, so a fully masked row is uniform, never NaN
 
 
 # SwiGLU ------------------------------------------------------------------------------------------
@@ -76,12 +77,9 @@ def _blocks(t: int, block: int, causal: bool) -> list[tuple[int, int, int]]:
 
 
 def _visible(seg_q: Array, seg_k: Array, q0: int, causal: bool) -> Array:
-    """(B, 1, 1, S, c) bool, keys x queries: same segment and, when causal, key <= query."""
-    mask = seg_k[:, :, None] == seg_q[:, None, :]
-    if causal:
-        mask = mask & (jnp.arange(seg_k.shape[1])[:, None]
-                       <= q0 + jnp.arange(seg_q.shape[1])[None, :])[None]
-    return mask[:, None, None]
+    """(B, 1, 1, S, c) bool, keys x queries: ``masking.attention_mask`` of queries q0 .. q0 + c."""
+    return jnp.swapaxes(attention_mask(seg_q, q0 + jnp.arange(seg_q.shape[1]), seg_k, causal),
+                        -1, -2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model.config import (ConfigError, ModelConfig, attention_impl_problem,
                                                cached_attention_impl, kernel_blocks,
                                                resolve_attention_impl)
@@ -58,16 +59,11 @@ def _sharded(fn, q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, seg_BT: Array) -> 
     q_spec = _mesh_axes(("act_batch", None, "act_heads", None))
     kv_spec = _mesh_axes(("act_batch", None, "act_kv_heads", None))
     seg_spec = _mesh_axes(("act_batch", None))
-    tensor = kv_spec[2]
-    if tensor is not None:
-        names = (tensor,) if isinstance(tensor, str) else tuple(tensor)
-        size = 1
-        for name in names:
-            size *= mesh.shape[name]
-        if k_BSKD.shape[2] % size:
-            raise ConfigError(f"mesh tensor={size} does not divide model.n_kv_heads="
-                              f"{k_BSKD.shape[2]}: a fused attention kernel keeps each kv head's "
-                              "queries on one device; lower mesh.tensor or use attention_impl=xla")
+    size = shard_lib.axis_size(mesh, kv_spec[2])
+    if k_BSKD.shape[2] % size:
+        raise ConfigError(f"mesh tensor={size} does not divide model.n_kv_heads="
+                          f"{k_BSKD.shape[2]}: a fused attention kernel keeps each kv head's "
+                          "queries on one device; lower mesh.tensor or use attention_impl=xla")
     return jax.shard_map(fn, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
                          check_vma=False)(q_BTHD, k_BSKD, v_BSKD, seg_BT)
 

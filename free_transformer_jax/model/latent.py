@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from free_transformer_jax import sharding as shard_lib
+
 Array = jax.Array
 LN2 = math.log(2.0)
 # The fused backward's working set: each positions x codes float32 tensor of one chunk is kept near
@@ -157,10 +159,7 @@ def rows_per_device(rows: int) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return rows
-    axes = nn.logical_to_mesh_axes(("act_batch",))[0]
-    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    shards = math.prod(mesh.shape[n] for n in names if n in mesh.shape)
-    return max(1, rows // shards)
+    return max(1, rows // shard_lib.axis_size(mesh, nn.logical_to_mesh_axes(("act_batch",))[0]))
 
 
 def auto_token_chunk(rows: int, seq_len: int, n_codes: int, code_chunk: int = 0) -> int:

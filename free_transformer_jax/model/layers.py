@@ -20,9 +20,9 @@ import numpy as np
 from free_transformer_jax.model.config import KERNEL_IMPLS, ModelConfig, attention_block
 from free_transformer_jax.model.fused import blocked_attention, swiglu
 from free_transformer_jax.model.kernels import kernel_attention
+from free_transformer_jax.model.masking import NEG_INF, attention_mask
 
 Array = jax.Array
-NEG_INF = -1e30  # finite: a fully masked row (padding) gives a uniform softmax, never NaN
 
 
 def logical_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -56,14 +56,6 @@ class AttnContext:
     kv_segment_ids: Array
     cache_index: Array | None = None
     impl: str = flax.struct.field(pytree_node=False, default="xla")
-
-
-def attention_mask(q_seg_BT: Array, q_idx_T: Array, kv_seg_BS: Array, causal: bool) -> Array:
-    """(B, 1, 1, T, S) boolean mask: same segment, and key slot <= query slot when causal."""
-    mask = q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
-    if causal:
-        mask = mask & (jnp.arange(kv_seg_BS.shape[1])[None, :] <= q_idx_T[:, None])[None]
-    return mask[:, None, None, :, :]
 
 
 def dot_product_attention(q_BTKGD: Array, k_BSKD: Array, v_BSKD: Array, q_seg_BT: Array,
