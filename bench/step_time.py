@@ -112,114 +112,121 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def _worker(conn, config_dict: dict, variant: str, impl: str | None, warmup: int, seed: int):
-    """One case in its own process: build, compile, warm up, then time steps when asked."""
+def _serve(conn, setup):
+    """A case's worker process: ``setup()`` builds the case and returns (what the parent prints
+    and records, ``run(n)``: n steps, blocking until done, ``finish()``: the final record); then
+    time ``run`` whenever the parent asks, until it says stop. Errors go back as one line."""
     try:
-        import jax
-
-        from free_transformer_jax import flops as flops_lib
-        from free_transformer_jax.model.config import ModelConfig, resolve_attention_impl
-        from free_transformer_jax.train.program import build_program
-
-        config = case_config(config_dict, variant, impl)
-        device = jax.devices()[0]
-        cfg, line = resolve_attention_impl(
-            ModelConfig.from_dict(config.model), device.platform, seq_len=config.data.seq_len,
-            packed=config.data.packing != "none")
-        config.model.attention_impl = cfg.attention_impl
-        t0 = time.perf_counter()
-        program = build_program(config)
-        compiled = program.lower().compile()
-        compile_s = time.perf_counter() - t0
-        state = program.init_state(seed=seed)
-        abstract = program.abstract_batch()
-        batch = jax.device_put(_host_batch(abstract, cfg.vocab_size, seed), program.batch_shardings)
-        for _ in range(warmup):
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        b, t = abstract["inputs"].shape[:2]
-        fpt = flops_lib.train_flops_per_token(cfg, t)
-        conn.send({"ready": True, "attention": line, "resolved_impl": cfg.attention_impl, "compile_s": compile_s,
-                   "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
-                   "argument_bytes": compiled.memory_analysis().argument_size_in_bytes,
-                   "flops_per_token": fpt["total"], "tokens_per_step": b * t,
-                   "n_devices": len(program.mesh.devices.flat), "device_kind": device.device_kind,
-                   "platform": device.platform, "jax": jax.__version__,
-                   "peak_flops_per_device": flops_lib.peak_flops_per_device(device),
-                   "loss": float(metrics["loss"])})
+        info, run, finish = setup()
+        conn.send(info)
         while True:
             msg = conn.recv()
-            if msg[0] == "run":
-                t0 = time.perf_counter()
-                for _ in range(msg[1]):
-                    state, metrics = compiled(state, batch)
-                jax.block_until_ready(metrics)
-                conn.send({"seconds": (time.perf_counter() - t0) / msg[1]})
-            else:
-                stats = getattr(device, "memory_stats", lambda: None)() or {}
-                conn.send({"peak_rss_bytes": _peak_rss_bytes(),
-                           "device_peak_bytes": stats.get("peak_bytes_in_use"),
-                           "final_loss": float(metrics["loss"])})
+            if msg[0] != "run":
+                conn.send({"peak_rss_bytes": _peak_rss_bytes(), **finish()})
                 return
+            t0 = time.perf_counter()
+            run(msg[1])
+            conn.send({"seconds": (time.perf_counter() - t0) / msg[1]})
     except Exception as e:  # reported by the parent as one line, with the traceback below it
         conn.send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
 
 
-def _torch_worker(conn, config_dict: dict, warmup: int, seed: int):
-    """The PyTorch reference case: the baseline decoder as transformers' Llama, same protocol."""
-    try:
-        import torch
-        import transformers
+def _jax_case(config_dict: dict, variant: str, impl: str | None, warmup: int, seed: int):
+    """One case built by the program builder, compiled and warmed up (see :func:`_serve`)."""
+    import jax
 
-        from free_transformer_jax import flops as flops_lib
-        from free_transformer_jax.model.config import ModelConfig
+    from free_transformer_jax import flops as flops_lib
+    from free_transformer_jax.model.config import ModelConfig, resolve_attention_impl
+    from free_transformer_jax.train.program import build_program
 
-        config = case_config(config_dict, "baseline", None)
-        cfg = ModelConfig.from_dict(config.model)
-        b, t = int(config.train.batch_size), int(config.data.seq_len)
-        torch.manual_seed(seed)
-        hf = transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-            head_dim=cfg.resolved_head_dim, intermediate_size=cfg.resolved_ffn_dim,
-            rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=t,
-            tie_word_embeddings=cfg.tie_embeddings)
-        model = transformers.LlamaForCausalLM(hf).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=float(config.optim.lr))
-        tokens = torch.randint(0, cfg.vocab_size, (b, t))
+    config = case_config(config_dict, variant, impl)
+    device = jax.devices()[0]
+    cfg, line = resolve_attention_impl(
+        ModelConfig.from_dict(config.model), device.platform, seq_len=config.data.seq_len,
+        packed=config.data.packing != "none")
+    config.model.attention_impl = cfg.attention_impl
+    t0 = time.perf_counter()
+    program = build_program(config)
+    compiled = program.lower().compile()
+    compile_s = time.perf_counter() - t0
+    live = {"state": program.init_state(seed=seed)}
+    abstract = program.abstract_batch()
+    batch = jax.device_put(_host_batch(abstract, cfg.vocab_size, seed), program.batch_shardings)
 
-        def step():
+    def run(n):
+        for _ in range(n):
+            live["state"], live["metrics"] = compiled(live["state"], batch)
+        jax.block_until_ready(live["metrics"])
+
+    def finish():
+        stats = getattr(device, "memory_stats", lambda: None)() or {}
+        return {"device_peak_bytes": stats.get("peak_bytes_in_use"),
+                "final_loss": float(live["metrics"]["loss"])}
+
+    run(max(warmup, 1))
+    b, t = abstract["inputs"].shape[:2]
+    info = {"ready": True, "attention": line, "resolved_impl": cfg.attention_impl,
+            "compile_s": compile_s, "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+            "argument_bytes": compiled.memory_analysis().argument_size_in_bytes,
+            "flops_per_token": flops_lib.train_flops_per_token(cfg, t)["total"],
+            "tokens_per_step": b * t, "n_devices": len(program.mesh.devices.flat),
+            "device_kind": device.device_kind, "platform": device.platform,
+            "jax": jax.__version__, "peak_flops_per_device": flops_lib.peak_flops_per_device(device),
+            "loss": float(live["metrics"]["loss"])}
+    return info, run, finish
+
+
+def _torch_case(config_dict: dict, warmup: int, seed: int):
+    """The PyTorch reference case: the baseline decoder as transformers' Llama (see :func:`_serve`)."""
+    import torch
+    import transformers
+
+    from free_transformer_jax import flops as flops_lib
+    from free_transformer_jax.model.config import ModelConfig
+
+    config = case_config(config_dict, "baseline", None)
+    cfg = ModelConfig.from_dict(config.model)
+    b, t = int(config.train.batch_size), int(config.data.seq_len)
+    torch.manual_seed(seed)
+    hf = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.resolved_head_dim, intermediate_size=cfg.resolved_ffn_dim,
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=t,
+        tie_word_embeddings=cfg.tie_embeddings)
+    model = transformers.LlamaForCausalLM(hf).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=float(config.optim.lr))
+    tokens = torch.randint(0, cfg.vocab_size, (b, t))
+    live = {}
+
+    def run(n):
+        for _ in range(n):
             loss = model(tokens, labels=tokens).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return float(loss.detach())
+            live["loss"] = float(loss.detach())
 
-        t0 = time.perf_counter()
-        for _ in range(max(warmup, 1)):
-            loss = step()
-        conn.send({"ready": True, "attention": f"torch {torch.__version__} "
-                   f"{model.config._attn_implementation}, {torch.get_num_threads()} threads",
-                   "resolved_impl": "torch", "compile_s": time.perf_counter() - t0,
-                   "temp_bytes": None, "argument_bytes": None,
-                   "flops_per_token": flops_lib.train_flops_per_token(cfg.replace(latent=False),
-                                                                      t)["total"],
-                   "tokens_per_step": b * t, "n_devices": 1, "device_kind": "cpu",
-                   "platform": "cpu", "jax": None,
-                   "peak_flops_per_device": flops_lib.measure_cpu_peak(), "loss": loss})
-        while True:
-            msg = conn.recv()
-            if msg[0] == "run":
-                t0 = time.perf_counter()
-                for _ in range(msg[1]):
-                    loss = step()
-                conn.send({"seconds": (time.perf_counter() - t0) / msg[1]})
-            else:
-                conn.send({"peak_rss_bytes": _peak_rss_bytes(), "device_peak_bytes": None,
-                           "final_loss": loss})
-                return
-    except Exception as e:
-        conn.send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+    t0 = time.perf_counter()
+    run(max(warmup, 1))
+    info = {"ready": True, "attention": f"torch {torch.__version__} "
+            f"{model.config._attn_implementation}, {torch.get_num_threads()} threads",
+            "resolved_impl": "torch", "compile_s": time.perf_counter() - t0,
+            "temp_bytes": None, "argument_bytes": None,
+            "flops_per_token": flops_lib.train_flops_per_token(cfg.replace(latent=False),
+                                                               t)["total"],
+            "tokens_per_step": b * t, "n_devices": 1, "device_kind": "cpu", "platform": "cpu",
+            "jax": None, "peak_flops_per_device": flops_lib.measure_cpu_peak(),
+            "loss": live["loss"]}
+    return info, run, lambda: {"device_peak_bytes": None, "final_loss": live["loss"]}
+
+
+def _worker(conn, config_dict: dict, variant: str, impl: str | None, warmup: int, seed: int):
+    _serve(conn, lambda: _jax_case(config_dict, variant, impl, warmup, seed))
+
+
+def _torch_worker(conn, config_dict: dict, warmup: int, seed: int):
+    _serve(conn, lambda: _torch_case(config_dict, warmup, seed))
 
 
 def summarize(cases: list[dict]) -> dict:
