@@ -241,6 +241,32 @@ def latent_probe(p_BTH: np.ndarray, targets_BT: np.ndarray, run_start_B: np.ndar
             "start": within_position_corr(p, start)}
 
 
+def kl_split(p_BTH: np.ndarray, code_chunk: int = 4096) -> dict[str, float]:
+    """Where the KL budget goes, in bits per token averaged over positions: ``kl`` = mean over
+    records of KL(q(Z_t | x) || uniform) (the trained quantity), split exactly as
+    ``kl = mi + aggregate``: ``aggregate`` = KL(q_t || uniform) of the aggregate posterior
+    q_t = mean over records of q(Z_t | x), and ``mi`` = the mutual information between Z_t and
+    the record (over these records). Prior samples reproduce only the ``mi`` part: KL spent on
+    ``aggregate`` is a departure from the prior that generation never sees. Exact over the 2^H
+    codes (chunked), from the bit probabilities ``p_BTH``."""
+    p = np.clip(np.asarray(p_BTH, np.float64), 1e-12, 1 - 1e-12)
+    b, t, h = p.shape
+    ent = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))  # binary entropy per bit, bits
+    kl = float((h - ent.sum(-1)).mean())
+    codes = np.arange(2 ** h)
+    bits = ((codes[:, None] >> np.arange(h)) & 1).astype(np.float64)  # (C, H), bit 0 first
+    lp1, lp0 = np.log(p), np.log1p(-p)
+    neg_ent_agg = np.zeros(t)  # sum_z q_t(z) log2 q_t(z)
+    for lo in range(0, 2 ** h, code_chunk):
+        u = bits[lo:lo + code_chunk]  # (c, H)
+        for ti in range(t):
+            logq = lp1[:, ti] @ u.T + lp0[:, ti] @ (1 - u).T  # (B, c)
+            q = np.exp(logq).mean(axis=0)
+            neg_ent_agg[ti] += float(np.sum(q * np.log2(np.maximum(q, 1e-300))))
+    aggregate = float((h + neg_ent_agg).mean())
+    return {"kl": kl, "aggregate": aggregate, "mi": kl - aggregate}
+
+
 # What a model knows about each kind of target, without Z: a `!` has probability 1/16 anywhere, so
 # its cross-entropy cannot fall below ln 16 unless Z tells where the noise is.
 CE_BANG_WITHOUT_Z = float(np.log(16.0))

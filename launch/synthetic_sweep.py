@@ -70,7 +70,11 @@ EVAL_COLUMNS = (("kl_bits", "KL bits/token"), ("ce_posterior", "CE posterior"),
                 ("elbo", "ELBO = CE + KL (nats)"), ("ce_prior", "CE prior Z"))
 PROBE = (("ce_bang_posterior", "CE on `!` targets"), ("ce_letter_posterior", "CE on letter targets"),
          ("ce_underscore_posterior", "CE on `_` targets"), ("corr_noise", "bit vs `!`"),
-         ("corr_start", "bit vs run start"))
+         ("corr_start", "bit vs run start"), ("kl_mi_bits", "KL: information"),
+         ("kl_aggregate_bits", "KL: aggregate vs prior"))
+# probe columns computed from the posterior's bits (none for the baseline; recomputed from the
+# checkpoint when a cached run predates them)
+BIT_PROBES = ("corr_noise", "corr_start", "kl_mi_bits", "kl_aggregate_bits")
 
 
 def kappa_name(k: float | None) -> str:
@@ -124,9 +128,21 @@ def probe(cfg, params, config, seed, n_records=512):
     logp, bits = apply(params, jnp.asarray(ids[:, :-1]), jax.random.key(4000 + seed))
     nll = -np.take_along_axis(np.asarray(logp), ids[:, 1:, None], axis=-1)[..., 0]
     out = {f"ce_{k}_posterior": v for k, v in sm.ce_by_class(nll, ids[:, 1:]).items()}
-    corr = (sm.latent_probe(np.asarray(bits), ids[:, 1:], np.array([r.start for r in records]))
-            if bits is not None else {"noise": None, "start": None})
-    return {**out, **{f"corr_{k}": v for k, v in corr.items()}}
+    if bits is None:
+        return {**out, **{k: None for k in BIT_PROBES}}
+    corr = sm.latent_probe(np.asarray(bits), ids[:, 1:], np.array([r.start for r in records]))
+    split = sm.kl_split(np.asarray(bits))
+    return {**out, **{f"corr_{k}": v for k, v in corr.items()},
+            "kl_mi_bits": split["mi"], "kl_aggregate_bits": split["aggregate"]}
+
+
+def reprobe(config, seed, run_dir):
+    """:func:`probe` of a finished run's final checkpoint (a cached result from before a probe
+    column existed)."""
+    from free_transformer_jax.checkpoint import load_model
+
+    _, cfg, params, _ = load_model(run_dir)
+    return probe(cfg, params, config, seed)
 
 
 def model_config(base, kappa, h, seed):
@@ -269,16 +285,20 @@ def write_table(outdir, models, analyses, checks, provenance):
               "X: the largest, over the latent bits, of the |correlation| between the bit's "
               "posterior probability and the fact, computed within each position across records "
               "and averaged over positions (a bit that depends on the position alone scores 0; "
-              "one independent of the fact about 0.035).", "",
+              "one independent of the fact about 0.035). KL: the posterior's KL per token "
+              "(bits, over positions) = information + aggregate vs prior, exactly: information "
+              "is the mutual information between Z_t and the record, aggregate vs prior the KL "
+              "of the posterior averaged over records from the uniform prior, a departure prior "
+              "samples never reproduce (synthetic_metrics.kl_split).", "",
               "| model | " + " | ".join(c for _, c in PROBE) + " |", "|---|" + "---|" * len(PROBE)]
     for name, m in models.items():
         cells = []
         for key, _ in PROBE:
             vals = [m["runs"][s].get(key) for s in sorted(m["runs"], key=int)]
-            if m["kappa_bits"] is None and key.startswith("corr"):
+            if m["kappa_bits"] is None and key in BIT_PROBES:
                 cells.append("n/a")
             elif not vals or any(v is None for v in vals):
-                cells.append("not recomputed" if key.startswith("corr") else "n/a")
+                cells.append("not recomputed" if key in BIT_PROBES else "n/a")
             else:
                 cells.append(f"{sum(vals) / len(vals):.3f} ({', '.join(f'{v:.3f}' for v in vals)})")
         lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
@@ -461,7 +481,7 @@ def load_stored(path):
             runs[str(s)] = {"kl_bits": r["kl_bits"], "ce_posterior": r["ce_posterior"],
                             "elbo": r["ce_posterior"] + kl_nats, "ce_prior": r["ce_prior"],
                             **{key: r.get(key) for key, _ in PROBE if key.startswith("ce_")},
-                            "corr_noise": None, "corr_start": None,
+                            **{key: None for key in BIT_PROBES},
                             "old_metrics": {m: r[m] for m in ("pos_agree_shared", "pos_agree_indep",
                                                               "noise_agree_shared", "noise_agree_indep",
                                                               "validity")}}
@@ -498,10 +518,10 @@ def provenance_lines(models, settings, rescored):
         if m["kappa_bits"] is not None and m["latent_bits"] <= m["kappa_bits"]:
             short.append(f"the {kappa_name(m['kappa_bits'])} model has H = {m['latent_bits']}, so "
                          "its KL term never binds (no KL term)")
-    if any(r.get("corr_start") is None for m in models.values() if m["kappa_bits"] is not None
-           for r in m["runs"].values()):
-        short.append("the bit-vs-`!` and bit-vs-run-start probes are not recomputed (they need the "
-                     "checkpoints, which are not stored)")
+    if any(r.get(key) is None for m in models.values() if m["kappa_bits"] is not None
+           for r in m["runs"].values() for key in BIT_PROBES):
+        short.append("the posterior probes (bit vs `!` / run start, the KL split) are not all "
+                     "recomputed (they need the checkpoints, which are not stored)")
     if short:
         lines += ["", "Limits of this run: " + "; ".join(short) + "."]
     return lines
@@ -549,6 +569,10 @@ def main(argv):
         if os.path.exists(done):  # finished in an earlier invocation: the sweep resumes
             with open(done) as f:
                 result = json.load(f)
+            if kappa is not None and any(k not in result["metrics"] for k in BIT_PROBES):
+                result["metrics"].update(reprobe(config, seed, run_dir))  # a newer probe
+                with open(done, "w") as f:
+                    json.dump(result, f)
         else:
             metrics, groups = run_model(config, seed, run_dir)
             result = {"version": 2, "metrics": metrics, "groups": groups}

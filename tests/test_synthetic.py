@@ -1,5 +1,6 @@
 """The synthetic experiment: metric code on hand-made sequences, and the sweep end to end (tiny)."""
 
+import glob
 import json
 import os
 import subprocess
@@ -111,6 +112,36 @@ def test_ce_by_class():
                                  "underscore": (3 + 5) / 2})
     assert np.isnan(sm.ce_by_class(nll[:, :2], targets[:, :2])["letter"])
     assert sm.CE_BANG_WITHOUT_Z == pytest.approx(2.7725887)
+
+
+def test_kl_split_into_information_and_aggregate_mismatch():
+    """kl = mi + aggregate, each checked against a brute-force enumeration of the codes; a
+    posterior that is the same for every record carries no information (mi 0, its whole KL is
+    aggregate mismatch), one that tells the records apart with a uniform aggregate carries it all
+    as mi; chunking over codes changes nothing."""
+    import itertools
+
+    rng = np.random.default_rng(0)
+    b, t, h = 6, 3, 3
+    p = rng.uniform(0.05, 0.95, (b, t, h))
+    got = sm.kl_split(p)
+    codes = np.array(list(itertools.product([0, 1], repeat=h)))[:, ::-1]  # bit 0 first
+    q = np.prod(np.where(codes[None, None] == 1, p[:, :, None], 1 - p[:, :, None]), axis=-1)
+    kl_rec = (q * np.log2(q * 2 ** h)).sum(-1)  # (B, T)
+    agg = q.mean(0)
+    aggregate = (agg * np.log2(agg * 2 ** h)).sum(-1)  # (T,)
+    assert got["kl"] == pytest.approx(kl_rec.mean(), abs=1e-12)
+    assert got["aggregate"] == pytest.approx(aggregate.mean(), abs=1e-12)
+    assert got["mi"] == pytest.approx(kl_rec.mean() - aggregate.mean(), abs=1e-12)
+    assert sm.kl_split(p, code_chunk=2) == pytest.approx(got, abs=1e-12)
+    same = np.broadcast_to(p[:1], p.shape)
+    s = sm.kl_split(same)
+    assert s["mi"] == pytest.approx(0.0, abs=1e-12) and s["aggregate"] == pytest.approx(s["kl"])
+    # one nearly certain bit per record, half 0 and half 1: 1 bit of information, aggregate ~0
+    flags = np.full((8, 1, 1), 1e-9)
+    flags[::2] = 1 - 1e-9
+    s = sm.kl_split(flags)
+    assert s["mi"] == pytest.approx(1.0, abs=1e-6) and s["aggregate"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_probe_is_not_fooled_by_position():
@@ -323,6 +354,12 @@ def test_sweep_end_to_end_tiny(tmp_path):
             assert 0 < run[k] < 10, (name, k)
         for k in ("corr_noise", "corr_start"):
             assert run[k] is None if name == "baseline" else 0 <= run[k] <= 1
+        if name == "baseline":
+            assert run["kl_mi_bits"] is None and run["kl_aggregate_bits"] is None
+        else:  # the split of the KL on 512 validation records: close to the evaluation's KL
+            assert run["kl_mi_bits"] >= -1e-9 and run["kl_aggregate_bits"] >= -1e-9
+            assert run["kl_mi_bits"] + run["kl_aggregate_bits"] == pytest.approx(
+                run["kl_bits"], rel=0.1, abs=0.02)
         groups = m["samples"]["0"]  # every seed's samples are stored
         assert sorted(groups) == ["0/0", "0/1", "0/2", "1/0", "1/1", "1/2"]
         assert all(len(g) == 3 and len(g[0]) == 66 for g in groups.values())
@@ -340,7 +377,13 @@ def test_sweep_end_to_end_tiny(tmp_path):
     assert len(lines) == len(res["checks"]) and all("95%" in x for x in lines)
     with open(os.path.join(out, "figure.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    # interrupted after the last model? the same command reads the results back without training
+    # interrupted after the last model? the same command reads the results back without training;
+    # a cached result from before a probe column existed gets it from the run's checkpoint
+    cached = glob.glob(os.path.join(out, "runs", "1_8_bit_H4_seed0", "sweep_result_*.json"))
+    assert len(cached) == 1
+    old = json.load(open(cached[0]))
+    del old["metrics"]["kl_mi_bits"], old["metrics"]["kl_aggregate_bits"]
+    json.dump(old, open(cached[0], "w"))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "synthetic_sweep.py"),
                         f"--outdir={out}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
