@@ -36,7 +36,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _VARIANTS = flags.DEFINE_list(
     "variants", ["baseline", "free"],
     "baseline (model.latent=False) and/or free (latent=True), each optionally followed by "
-    "model overrides: free+latent_bits=12+latent_impl=dense.")
+    "model overrides (free+latent_bits=12+latent_impl=dense) and XLA flags for that case's "
+    "process (baseline+xla_cpu_enable_concurrency_optimized_scheduler=true).")
 _IMPLS = flags.DEFINE_list("attention_impl", [], "model.attention_impl values to compare "
                            "(default: the config's).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per case per round.")
@@ -81,12 +82,21 @@ def case_config(config_dict: dict, variant: str, impl: str | None):
     c = ml_collections.ConfigDict(config_dict)
     c.model.latent = kind == "free"
     for name, value in fields.items():
+        if name.startswith("xla_"):  # an XLA flag of the case's process: xla_flags_of
+            continue
         if name not in c.model:
             raise ValueError(f"--variants: {variant!r}: the config has no model.{name}")
         c.model[name] = value
     if impl:
         c.model.attention_impl = impl
     return c
+
+
+def xla_flags_of(variant: str) -> str:
+    """The ``xla_*`` fields of a variant as XLA_FLAGS text (Python booleans as XLA's true/false)."""
+    _, fields = parse_variant(variant)
+    text = lambda v: str(v).lower() if isinstance(v, bool) else str(v)
+    return " ".join(f"--{k}={text(v)}" for k, v in fields.items() if k.startswith("xla_"))
 
 
 def _host_batch(abstract: dict, vocab: int, seed: int) -> dict:
@@ -222,6 +232,9 @@ def _torch_case(config_dict: dict, warmup: int, seed: int):
 
 
 def _worker(conn, config_dict: dict, variant: str, impl: str | None, warmup: int, seed: int):
+    extra = xla_flags_of(variant)  # before jax (imported by the case) creates its backend
+    if extra:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {extra}".strip()
     _serve(conn, lambda: _jax_case(config_dict, variant, impl, warmup, seed))
 
 

@@ -25,6 +25,15 @@ def test_variants_take_typed_model_overrides():
     assert not step_time.case_config(tiny_train_config().to_dict(), "baseline", None).model.latent
 
 
+def test_variants_take_xla_flags_for_their_process():
+    v = "free+latent_bits=6+xla_cpu_enable_concurrency_optimized_scheduler=True+xla_cpu_foo=3"
+    assert step_time.xla_flags_of(v) == ("--xla_cpu_enable_concurrency_optimized_scheduler=true "
+                                         "--xla_cpu_foo=3")
+    c = step_time.case_config(tiny_train_config().to_dict(), v, None)  # not model fields
+    assert c.model.latent_bits == 6 and "xla_cpu_foo" not in c.model
+    assert step_time.xla_flags_of("baseline+latent_bits=6") == ""
+
+
 @pytest.mark.parametrize("variant,match", [("fre", "must start with one of"),
                                            ("free+latent_bits", "is not a model_field=value"),
                                            ("free+bits=3", "the config has no model.bits")])
