@@ -13,6 +13,4 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import jax  # noqa: E402
 
-import free_transformer_jax  # noqa: E402,F401  (the project's XLA flags, before any backend exists)
-
 jax.config.update("jax_default_matmul_precision", "highest")

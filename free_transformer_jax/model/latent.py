@@ -178,7 +178,12 @@ def _fused_bwd(token_chunk, code_chunk, res, g_BTD):
     g32 = g_BTD.astype(jnp.float32)
     b, t, d = g32.shape
     # dW: the forward value of G - sg(G) is zero, so only the sampled rows receive gradient.
-    d_table = jnp.zeros(table.shape, jnp.float32).at[codes.reshape(-1)].add(g32.reshape(-1, d))
+    # The zeros it is scattered into are made from g (0 * g[0, 0, 0], which XLA does not fold
+    # away), so no scheduler can allocate this table-sized buffer before the backward pass
+    # reaches it; a plain constant was allocated at the step's start and kept live through the
+    # whole forward pass (+128 MiB of peak at configs/bench_cpu.py).
+    zero = g32[0, 0, 0] * 0.0
+    d_table = jnp.broadcast_to(zero, table.shape).at[codes.reshape(-1)].add(g32.reshape(-1, d))
     # dl: chunked along the sequence (the batch axis stays whole so its sharding is untouched).
     if token_chunk < 0:
         token_chunk = auto_token_chunk(rows_per_device(b), t, table.shape[0], code_chunk)
