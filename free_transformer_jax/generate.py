@@ -129,8 +129,9 @@ def _sample_tokens(key, logits_BV, step, sc: SamplingConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sc", "return_logits", "prompt_z"))
-def _generate(params, prompt_BP, seg_BP, z_groups_B, z_key, token_key, *, cfg: ModelConfig,
-              sc: SamplingConfig, return_logits: bool = False, prompt_z: str = "encoder"):
+def _generate(params, prompt_BP, seg_BP, z_groups_B, z_key, token_key, codes_BS=None, *,
+              cfg: ModelConfig, sc: SamplingConfig, return_logits: bool = False,
+              prompt_z: str = "encoder"):
     model = FreeTransformer(cfg)
     b, p = prompt_BP.shape
     total = p + sc.max_new_tokens
@@ -139,6 +140,8 @@ def _generate(params, prompt_BP, seg_BP, z_groups_B, z_key, token_key, *, cfg: M
     # prefill: the encoder runs on the prompt and Z is sampled from its posterior (or, with
     # prompt_z="prior", the prompt's Z is uniform like every later position's)
     latent = "posterior" if prompt_z == "encoder" else "prior"
+    if codes_BS is not None:  # the caller's Z (z_codes of generate)
+        latent = codes_BS[:, :p]
     logits, aux = model.apply({"params": params}, prompt_BP, latent=latent, segment_ids=seg_BP,
                               positions=positions, cache=cache, row_ids=z_groups_B,
                               rngs={"latent": jax.random.fold_in(z_key, 0)})
@@ -165,8 +168,11 @@ def _generate(params, prompt_BP, seg_BP, z_groups_B, z_key, token_key, *, cfg: M
         slot = p + i - 1  # the slot of the token we feed now (generated at step i - 1)
         tok = jax.lax.dynamic_slice_in_dim(tokens, slot, 1, axis=1)
         # a fresh uniform Z for this position, drawn once; shared within a Z group
-        code = latent_lib.prior_codes(jax.random.fold_in(z_key, i), (b, 1), cfg.latent_bits,
-                                      z_groups_B)
+        if codes_BS is None:
+            code = latent_lib.prior_codes(jax.random.fold_in(z_key, i), (b, 1), cfg.latent_bits,
+                                          z_groups_B)
+        else:
+            code = jax.lax.dynamic_slice_in_dim(codes_BS, slot, 1, axis=1)
         logits, aux = model.apply({"params": params}, tok, latent=code,
                                   segment_ids=jnp.ones((b, 1), jnp.int32), positions=pos[:, None],
                                   cache=cache)
@@ -185,8 +191,8 @@ def _generate(params, prompt_BP, seg_BP, z_groups_B, z_key, token_key, *, cfg: M
 
 def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], sc: SamplingConfig, *,
              z_key: jax.Array, token_key: jax.Array, z_groups: Sequence[int] | None = None,
-             return_logits: bool = False, prompt_z: str = "encoder", mesh: Mesh | None = None
-             ) -> dict[str, Any]:
+             return_logits: bool = False, prompt_z: str = "encoder", mesh: Mesh | None = None,
+             z_codes: np.ndarray | None = None) -> dict[str, Any]:
     """Samples continuations of ``prompts`` (lists of token ids).
 
     z_groups: one id per prompt; prompts with the same id share Z (prompt Z and every new Z), the
@@ -198,6 +204,10 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], sc
     ``new_tokens`` (list per row, cut after a stop token), ``codes`` (B, P + max_new) the Z code of
     every slot (the last slot has none), ``prompt_len`` P, and with ``return_logits`` the per-step
     next-token ``logits`` (B, max_new, V).
+    z_codes: (B, P + max_new) int codes in [0, 2**H) to use as Z instead of sampling it (slot s of
+      the left-padded row, as in the returned ``codes``; pad slots are ignored), e.g. the encoder's
+      posterior sample on a record, or a previous call's ``codes`` to replay its Z. ``z_key``,
+      ``z_groups`` and ``prompt_z`` then play no part in Z.
     mesh: run under this mesh (e.g. the one :func:`checkpoint.load_model` restored ``params``
       onto): rows are sharded over its batch axes, padded to a multiple of them with rows of their
       own Z groups (a row's noise depends only on its group and index, so padding changes nothing).
@@ -209,6 +219,19 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], sc
         raise ValueError(f"z_groups has shape {groups.shape}; expected one id per prompt ({b},)")
     if prompt_z not in ("encoder", "prior"):
         raise ValueError(f"prompt_z={prompt_z!r}: expected 'encoder' or 'prior'")
+    codes_in = None
+    if z_codes is not None:
+        if not cfg.latent:
+            raise ValueError("z_codes: this model has no latent (model.latent=False)")
+        codes_in = np.asarray(z_codes)
+        want = (b, prompt.shape[1] + sc.max_new_tokens)
+        if codes_in.shape != want or not np.issubdtype(codes_in.dtype, np.integer):
+            raise ValueError(f"z_codes has shape {codes_in.shape} ({codes_in.dtype}); expected integer "
+                             f"codes of shape {want} (rows x left-padded prompt + max_new_tokens)")
+        if codes_in.min() < 0 or codes_in.max() >= 2 ** cfg.latent_bits:
+            raise ValueError(f"z_codes must lie in [0, {2 ** cfg.latent_bits}) for H = "
+                             f"{cfg.latent_bits} latent bits")
+        codes_in = codes_in.astype(np.int32)
     put, scope = jnp.asarray, contextlib.nullcontext()
     if mesh is not None:
         n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -217,11 +240,14 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], sc
             prompt = np.concatenate([prompt, np.repeat(prompt[-1:], extra, axis=0)])
             seg = np.concatenate([seg, np.repeat(seg[-1:], extra, axis=0)])
             groups = np.concatenate([groups, groups.max() + 1 + np.arange(extra, dtype=np.int32)])
+            if codes_in is not None:
+                codes_in = np.concatenate([codes_in, np.repeat(codes_in[-1:], extra, axis=0)])
         put = functools.partial(shard_lib.put_replicated_rows, mesh=mesh)
         scope = shard_lib.mesh_context(mesh)
     with scope:
         tokens, codes, logits, n = _generate(params, put(prompt), put(seg), put(groups), z_key,
-                                             token_key, cfg=cfg, sc=sc, return_logits=return_logits,
+                                             token_key, None if codes_in is None else put(codes_in),
+                                             cfg=cfg, sc=sc, return_logits=return_logits,
                                              prompt_z=prompt_z)
     tokens, codes, n = shard_lib.to_host(tokens)[:b], shard_lib.to_host(codes)[:b], int(n)
     seg = seg[:b]

@@ -69,6 +69,12 @@ def test_target_position_on_the_data():
     assert all(abs(p - r.start) <= 1 for r, p in zip(recs, pos) if p is not None)
     assert sum(p == r.start for r, p in zip(recs, pos)) >= 0.98 * len(recs)
     assert sm.validity([r.text for r in recs]) == pytest.approx(1 - len(missing) / len(recs))
+    # a record rebuilt from its facts is the record
+    again = synthetic.make_record(recs[7].letter, recs[7].start, recs[7].noise)
+    np.testing.assert_array_equal(again.ids, recs[7].ids)
+    np.testing.assert_array_equal(again.clean_ids, recs[7].clean_ids)
+    with pytest.raises(ValueError, match="start <= 56"):
+        synthetic.make_record(0, 57, recs[7].noise)
 
 
 def test_agreement_values():
@@ -389,3 +395,20 @@ def test_sweep_end_to_end_tiny(tmp_path):
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.load(open(os.path.join(out, "results.json")))["models"] == res["models"]
+    # the posterior-Z diagnostic on the same models (nothing trained): Z comes from records
+    post = str(tmp_path / "post")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "synthetic_sweep.py"),
+                        f"--outdir={post}", f"--runs_dir={out}/runs", "--group_z=posterior", *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "seed 0" in r.stdout and "step 1/" not in r.stdout  # cached models, no training
+    pres = json.load(open(os.path.join(post, "results.json")))
+    assert pres["group_z"] == "posterior"
+    for name in ("1/8 bit", "8 bit"):
+        run = pres["models"][name]["runs"]["0"]
+        assert 0 <= run["rec_pos_match"] <= 1
+        assert pres["models"][name]["samples"]["0"] != res["models"][name]["samples"]["0"]
+    assert "rec_pos_match" not in pres["models"]["baseline"]["runs"]["0"]
+    ptext = open(os.path.join(post, "results.md")).read()
+    assert "Diagnostic, not the paper's generation" in ptext
+    assert "| 1/8 bit, H=4 | " in ptext.split("Z from the posterior")[1]

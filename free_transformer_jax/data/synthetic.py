@@ -74,14 +74,24 @@ def generate(index: int, seed: int = 0) -> SyntheticRecord:
     rng = np.random.default_rng([_DOMAIN, int(seed), int(index)])
     letter = int(rng.integers(0, 26))
     start = int(rng.integers(0, MAX_START + 1))
+    return make_record(letter, start, rng.random(BODY_LEN) < NOISE_PROB)
+
+
+def make_record(letter: int, start: int, noise) -> SyntheticRecord:
+    """The record with these latent facts: prompt letter id 0..25, run start 0..56 in the body and
+    the (64,) bool mask of body characters replaced by ``!``."""
+    noise = np.asarray(noise, bool)
+    if not 0 <= letter < 26 or not 0 <= start <= MAX_START or noise.shape != (BODY_LEN,):
+        raise ValueError(f"make_record(letter={letter}, start={start}, noise of shape "
+                         f"{noise.shape}): expected 0 <= letter < 26, 0 <= start <= {MAX_START} "
+                         f"and a ({BODY_LEN},) mask")
     body = np.full(BODY_LEN, UNDERSCORE, np.int32)
     body[start:start + RUN_LEN] = letter
-    noise = rng.random(BODY_LEN) < NOISE_PROB
     prompt = np.array([letter, PROMPT_SEP], np.int32)
     clean = np.concatenate([prompt, body])
     body = np.where(noise, BANG, body).astype(np.int32)
-    return SyntheticRecord(ids=np.concatenate([prompt, body]), clean_ids=clean, letter=letter,
-                           start=start, noise=noise)
+    return SyntheticRecord(ids=np.concatenate([prompt, body]), clean_ids=clean, letter=int(letter),
+                           start=int(start), noise=noise)
 
 
 class SyntheticSource:
