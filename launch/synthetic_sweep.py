@@ -84,6 +84,8 @@ PROBE = (("ce_bang_posterior", "CE on `!` targets"), ("ce_letter_posterior", "CE
 BIT_PROBES = ("corr_noise", "corr_start", "kl_mi_bits", "kl_aggregate_bits")
 # with --group_z=posterior: how often a sample reproduces the record its Z was encoded from
 RECORD_MATCH = (("rec_pos_match", "target at the record's (within 1)"),
+                ("rec_pos_match_early", "same, record start 0-18"),
+                ("rec_pos_match_mid", "19-37"), ("rec_pos_match_late", "38-56"),
                 ("rec_noise_overlap", "`!` overlap with the record"))
 
 
@@ -212,6 +214,7 @@ def run_model(config, seed, run_dir):
                **probe(cfg, params, config, seed)}
     if sources is not None:
         metrics.update(record_match(texts, sources))
+        metrics["z_records"] = {f"{p}/{g}": sources[i:i + _GROUP.value] for p, g, i in layout}
     return metrics, {f"{p}/{g}": texts[i:i + _GROUP.value] for p, g, i in layout}
 
 
@@ -251,14 +254,18 @@ def record_match(texts, sources):
 
     from free_transformer_jax import synthetic_metrics as sm
 
-    pos, noise = [], []
+    pos, noise, by_third = [], [], {"early": [], "mid": [], "late": []}
     for t, src in zip(texts, sources):
         a, b = sm.target_position(t), sm.target_position(src)
-        pos.append(a is not None and abs(a - b) <= 1)
+        hit = a is not None and b is not None and abs(a - b) <= 1
+        pos.append(hit)
+        if b is not None:  # thirds of the start range 0..56: how early Z must decide
+            by_third[("early", "mid", "late")[min(b // 19, 2)]].append(hit)
         na, nb = sm.noise_positions(t), sm.noise_positions(src)
         if na | nb:
             noise.append(len(na & nb) / len(na | nb))
     return {"rec_pos_match": float(np.mean(pos)),
+            **{f"rec_pos_match_{k}": float(np.mean(v)) if v else None for k, v in by_third.items()},
             "rec_noise_overlap": float(np.mean(noise)) if noise else None}
 
 
@@ -279,9 +286,18 @@ def check_run_config(run_dir, config):
     with open(path) as f:
         old = json.load(f)
     new = json.loads(json.dumps(config.to_dict()))
+    # a field added to the code after the run was trained reads as its default (new fields keep
+    # the old behaviour by default), so old runs stay usable and a changed value is still refused
+    from free_transformer_jax.configlib import base_config
+
+    default = json.loads(json.dumps(base_config().to_dict()))
+
+    def old_value(sec, k):
+        return old.get(sec, {}).get(k, default.get(sec, {}).get(k))
+
     diff = [f"{sec}.{k}" for sec in sorted(set(old) | set(new))
             for k in sorted(set(old.get(sec, {})) | set(new.get(sec, {})))
-            if k not in _BOOKKEEPING.get(sec, ()) and old.get(sec, {}).get(k) != new.get(sec, {}).get(k)]
+            if k not in _BOOKKEEPING.get(sec, ()) and old_value(sec, k) != new.get(sec, {}).get(k)]
     if diff:
         raise app.UsageError(f"{run_dir} was trained with other values of {', '.join(diff)}; use "
                              "another --outdir/--runs_dir for this setup")
@@ -667,7 +683,8 @@ def main(argv):
                 json.dump(result, f)
         models[name]["runs"][str(seed)] = result["metrics"]
         models[name]["samples"][str(seed)] = result["groups"]
-        print("    " + ", ".join(f"{k} {fmt(v)}" for k, v in result["metrics"].items()), flush=True)
+        print("    " + ", ".join(f"{k} {fmt(v)}" for k, v in result["metrics"].items()
+                              if not isinstance(v, dict)), flush=True)
 
     settings = {"seeds": seeds, "kappas_bits": kappas, "prompts": _PROMPTS.value,
                 "shared_groups": _SHARED.value, "group_size": _GROUP.value,

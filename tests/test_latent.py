@@ -134,6 +134,59 @@ def test_training_loss_kl_term_is_the_free_bits_kl():
     assert float(sum(shares)) == pytest.approx(expected, rel=1e-6)
 
 
+def test_aggregate_kl_against_enumeration():
+    """The ablation knob's term: KL of the batch-averaged posterior at each position from the
+    uniform prior, averaged over positions, checked against a numpy enumeration; the per-bit form
+    is a lower bound; padding rows and empty positions drop out."""
+    n_bits, b, t = 4, 6, 3
+    logits = 1.5 * jax.random.normal(jax.random.key(3), (b, t, n_bits))
+    mask = np.ones((b, t), np.float32)
+    mask[4:, 1] = 0.0  # rows 4, 5 are padding at position 1
+    mask[:, 2] = 0.0  # nobody at position 2
+    p = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+    codes = (np.arange(2**n_bits)[:, None] >> np.arange(n_bits)) & 1  # (C, H)
+    g = np.prod(np.where(codes[None, None], p[:, :, None], 1 - p[:, :, None]), axis=-1)  # (B,T,C)
+    want = []
+    for pos in range(2):
+        rows = mask[:, pos] > 0
+        q = g[rows, pos].mean(axis=0)
+        want.append(np.sum(q * np.log(q * 2**n_bits)))
+    exact = float(L.aggregate_kl(logits, jnp.asarray(mask), "codes"))
+    assert exact == pytest.approx(np.mean(want), rel=1e-5)
+    bits = float(L.aggregate_kl(logits, jnp.asarray(mask), "bits"))
+    assert 0.0 < bits < exact
+    # one row, independent bits: the aggregate is that row's posterior, and both forms give its KL
+    one = logits[:1, :2]
+    np.testing.assert_allclose(float(L.aggregate_kl(one, form="codes")),
+                               float(jnp.mean(L.kl_per_token(one))), rtol=1e-5)
+    np.testing.assert_allclose(float(L.aggregate_kl(one, form="bits")),
+                               float(jnp.mean(L.kl_per_token(one))), rtol=1e-5)
+    # two opposite certain posteriors (H = 1) average to the uniform prior: aggregate KL 0, though
+    # each row's own KL is ln 2 (all of it information)
+    flip = jnp.stack([jnp.full((1, 1), 30.0), jnp.full((1, 1), -30.0)])  # (2, 1, 1): H = 1
+    assert float(L.aggregate_kl(flip, form="codes")) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="needs H <= 12"):
+        L.aggregate_kl(jnp.zeros((1, 1, 13)), form="codes")
+
+
+def test_training_loss_adds_the_aggregate_kl_when_asked():
+    from free_transformer_jax.model.config import ConfigError
+    from free_transformer_jax.train.loss import loss_and_metrics
+
+    logits_bits = jax.random.normal(jax.random.key(1), (2, 3, 4))
+    batch = {"inputs": jnp.zeros((2, 3), jnp.int32), "targets": jnp.zeros((2, 3), jnp.int32)}
+    aux = {"kl": L.kl_per_token(logits_bits), "bit_logits": logits_bits}
+    logits = jnp.zeros((2, 3, 16))
+    off, m_off = loss_and_metrics(tiny_config(latent_bits=4), logits, aux, batch)
+    on, m_on = loss_and_metrics(tiny_config(latent_bits=4, aggregate_kl_weight=0.5), logits, aux, batch)
+    agg = float(L.aggregate_kl(logits_bits))
+    assert agg > 0 and "aggregate_kl_bits" not in m_off
+    assert float(on) == pytest.approx(float(off) + 0.5 * agg, rel=1e-6)
+    assert float(m_on["aggregate_kl_bits"]) == pytest.approx(agg / math.log(2.0), rel=1e-6)
+    with pytest.raises(ConfigError, match="aggregate_kl_form"):
+        tiny_config(latent_bits=16, aggregate_kl_weight=1.0)
+
+
 def test_prior_codes_cover_the_code_space_uniformly():
     codes = np.asarray(L.prior_codes(jax.random.key(0), (20_000,), 3))
     counts = np.bincount(codes, minlength=8)

@@ -395,6 +395,17 @@ def test_sweep_end_to_end_tiny(tmp_path):
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.load(open(os.path.join(out, "results.json")))["models"] == res["models"]
+    # a run trained before a config field existed reads it as its default: still usable, while
+    # a sweep asking for another value of it is refused
+    for path in glob.glob(os.path.join(out, "runs", "*", "config.json")):
+        recorded = json.load(open(path))
+        del recorded["model"]["aggregate_kl_weight"]
+        json.dump(recorded, open(path, "w"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "synthetic_sweep.py"),
+                        f"--outdir={tmp_path}/other", f"--runs_dir={out}/runs",
+                        "--config.model.aggregate_kl_weight=1", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode != 0 and "other values of model.aggregate_kl_weight" in r.stderr
     # the posterior-Z diagnostic on the same models (nothing trained): Z comes from records
     post = str(tmp_path / "post")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "synthetic_sweep.py"),
@@ -407,6 +418,10 @@ def test_sweep_end_to_end_tiny(tmp_path):
     for name in ("1/8 bit", "8 bit"):
         run = pres["models"][name]["runs"]["0"]
         assert 0 <= run["rec_pos_match"] <= 1
+        recs = run["z_records"]  # each sample's Z record: one per shared group, one per row else
+        assert sorted(recs) == sorted(pres["models"][name]["samples"]["0"])
+        assert all(len(set(v)) == 1 for k, v in recs.items() if not k.endswith("/0"))
+        assert all(x[:2] == v[0][:2] for v in recs.values() for x in v)  # the prompt's letter
         assert pres["models"][name]["samples"]["0"] != res["models"][name]["samples"]["0"]
     assert "rec_pos_match" not in pres["models"]["baseline"]["runs"]["0"]
     ptext = open(os.path.join(post, "results.md")).read()

@@ -54,6 +54,10 @@ class ModelConfig:
     latent_bits: int = 16  # H; C = 2**H codes
     kappa_bits: float = 0.5  # free bits per token, in bits (kappa in nats = kappa_bits * ln 2)
     kl_weight: float = 1.0
+    # Not in the paper (default off): + weight * KL(batch-averaged posterior || uniform) per
+    # position, so prior samples look like the posterior's (latent.aggregate_kl).
+    aggregate_kl_weight: float = 0.0
+    aggregate_kl_form: str = "codes"  # "codes": exact, H <= 12; "bits": per-bit marginals, any H
     inject_layer: int = -1  # -1: n_layers // 2. The encoder reads the stream after this many blocks.
     latent_impl: str = "fused"
     encoder_abs_pos: bool = True  # add a gated sinusoid to the encoder's zeta queries (see BUILD_NOTES)
@@ -116,6 +120,13 @@ class ModelConfig:
             fail("kappa_bits", "must be >= 0 (free bits per token, in bits)")
         if self.kl_weight < 0:
             fail("kl_weight", "must be >= 0")
+        if self.aggregate_kl_weight < 0:
+            fail("aggregate_kl_weight", "must be >= 0 (0 = off, the paper's loss)")
+        if self.aggregate_kl_form not in ("codes", "bits"):
+            fail("aggregate_kl_form", "must be 'codes' (exact, H <= 12) or 'bits' (any H)")
+        if self.aggregate_kl_weight and self.aggregate_kl_form == "codes" and self.latent_bits > 12:
+            fail("aggregate_kl_form", f"'codes' needs latent_bits <= 12, not {self.latent_bits}; "
+                 "use 'bits' (per-bit marginals)")
         if not -1 <= self.inject_layer < self.n_layers or (self.n_layers == 1 and self.inject_layer != 0):
             fail("inject_layer", f"must be in [0, n_layers-1] = [0, {self.n_layers - 1}] "
                  "(or -1 for n_layers // 2): at least one block must follow the encoder")

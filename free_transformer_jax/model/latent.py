@@ -102,6 +102,37 @@ def free_bits_kl(kl_BT: Array, kappa_nats: float, mask_BT: Array | None = None,
     return jnp.sum(hinge * mask) / jnp.maximum(denominator, 1.0)
 
 
+AGGREGATE_KL_FORMS = ("codes", "bits")
+AGGREGATE_KL_MAX_BITS = 12  # the "codes" form holds a (B, T, 2**H) float32 tensor
+
+
+def aggregate_kl(logits_BTH: Array, mask_BT: Array | None = None, form: str = "codes") -> Array:
+    """KL(q_t || uniform) in nats, averaged over positions, where q_t is the posterior averaged over
+    the batch's rows at position t (the aggregate posterior that prior samples should look like).
+    Not in the paper: an ablation knob (``model.aggregate_kl_weight``; BUILD_NOTES, "Synthetic
+    ablations"). ``form="codes"``: exact over all 2**H codes (H <= 12); ``"bits"``: the sum of the
+    per-bit marginals' KLs, a lower bound (it misses the correlation between bits) at any H."""
+    l32 = logits_BTH.astype(jnp.float32)
+    b, t, h = l32.shape
+    mask = jnp.ones((b, t), jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
+    rows = jnp.sum(mask, axis=0)  # (T,) rows with a latent at each position
+    if form == "codes":
+        if h > AGGREGATE_KL_MAX_BITS:
+            raise ValueError(f"aggregate_kl form 'codes' needs H <= {AGGREGATE_KL_MAX_BITS}, not {h}; "
+                             "use model.aggregate_kl_form='bits'")
+        probs = jnp.exp(log_code_probs(l32.reshape(b * t, h), bit_table(0, 2**h, h))).reshape(b, t, -1)
+        q_TC = jnp.einsum("bt,btc->tc", mask, probs) / jnp.maximum(rows, 1.0)[:, None]
+        kl_T = jnp.sum(jax.scipy.special.xlogy(q_TC, q_TC), axis=-1) + h * LN2
+    elif form == "bits":
+        p_TH = jnp.einsum("bt,bth->th", mask, jax.nn.sigmoid(l32)) / jnp.maximum(rows, 1.0)[:, None]
+        xlogx = jax.scipy.special.xlogy
+        kl_T = jnp.sum(xlogx(p_TH, p_TH) + xlogx(1.0 - p_TH, 1.0 - p_TH) + LN2, axis=-1)
+    else:
+        raise ValueError(f"aggregate_kl form={form!r}: expected one of {AGGREGATE_KL_FORMS}")
+    present = (rows > 0).astype(jnp.float32)
+    return jnp.sum(kl_T * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
 # Z @ W: the dense reference ----------------------------------------------------------------------
 def dense_post_sampler(logits_BTH: Array, table_CD: Array, codes_BT: Array) -> Array:
     """``(Y + G - stop_gradient(G)) @ W`` exactly as written in the paper (Eq. 8)."""

@@ -1,5 +1,6 @@
 """The training objective (BUILD_NOTES.md, "Model"): mean next-token CE
-+ kl_weight * mean_t max(0, KL_t - kappa) (the free-bits term, ``model.latent.free_bits_kl``).
++ kl_weight * mean_t max(0, KL_t - kappa) (the free-bits term, ``model.latent.free_bits_kl``)
+[+ aggregate_kl_weight * ``model.latent.aggregate_kl``, off by default: not in the paper].
 
 A batch is a dict of (B, T) arrays: ``inputs``, ``targets`` and optionally ``segment_ids`` (0 =
 padding), ``positions`` and ``loss_mask`` (1 where the target is scored). Without ``loss_mask`` the
@@ -68,7 +69,15 @@ def loss_and_metrics(cfg: ModelConfig, logits_BTV: Array, aux: Mapping[str, Any]
         kl_term = latent_lib.free_bits_kl(kl, cfg.kappa_nats, latent_mask, kl_den)
         frac_above = masked_mean((kl > cfg.kappa_nats).astype(jnp.float32), latent_mask, kl_den)
     loss = ce + cfg.kl_weight * kl_term
+    agg = None
+    if cfg.latent and cfg.aggregate_kl_weight and aux.get("bit_logits") is not None:
+        agg = latent_lib.aggregate_kl(aux["bit_logits"], latent_mask, cfg.aggregate_kl_form)
+        if kl_den is not None:  # a micro-batch's own aggregate, weighted by its share of positions
+            agg = agg * jnp.sum(latent_mask) / jnp.maximum(kl_den, 1.0)
+        loss = loss + cfg.aggregate_kl_weight * agg
     metrics = {"loss": loss, "ce": ce, "kl_nats": kl_mean, "kl_bits": kl_mean / math.log(2.0),
                "kl_term": kl_term, "frac_above_kappa": frac_above,
                "n_tokens": jnp.sum(target_mask)}
+    if agg is not None:
+        metrics["aggregate_kl_bits"] = agg / math.log(2.0)
     return loss, metrics
