@@ -187,6 +187,22 @@ def test_training_loss_adds_the_aggregate_kl_when_asked():
         tiny_config(latent_bits=16, aggregate_kl_weight=1.0)
 
 
+def test_batch_scope_free_bits_hinge_the_batch_mean():
+    from free_transformer_jax.train.loss import loss_and_metrics
+
+    kl = jnp.array([[3.0, 0.2], [0.0, 0.2], [0.0, 9.0]])  # (B=3, T=2)
+    mask = jnp.array([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])  # row 2 is padding at position 1
+    # position 0: mean 1.0 -> 0.5 over kappa; position 1: mean 0.2 -> free; then mean over 2
+    assert float(L.batch_free_bits_kl(kl, 0.5, mask)) == pytest.approx(0.25)
+    # the paper's per-token form charges row 0's 3.0 at position 0 in full
+    assert float(L.free_bits_kl(kl, 0.5, mask)) == pytest.approx(2.5 / 5)
+    cfg = tiny_config(kappa_bits=0.5 / math.log(2.0), free_bits_scope="batch")
+    batch = {"inputs": jnp.zeros((3, 2), jnp.int32), "targets": jnp.zeros((3, 2), jnp.int32),
+             "segment_ids": mask.astype(jnp.int32)}
+    _, m = loss_and_metrics(cfg, jnp.zeros((3, 2, cfg.vocab_size)), {"kl": kl}, batch)
+    assert float(m["kl_term"]) == pytest.approx(0.25, rel=1e-5)
+
+
 def test_prior_codes_cover_the_code_space_uniformly():
     codes = np.asarray(L.prior_codes(jax.random.key(0), (20_000,), 3))
     counts = np.bincount(codes, minlength=8)

@@ -54,6 +54,9 @@ class ModelConfig:
     latent_bits: int = 16  # H; C = 2**H codes
     kappa_bits: float = 0.5  # free bits per token, in bits (kappa in nats = kappa_bits * ln 2)
     kl_weight: float = 1.0
+    # "token": the paper's mean_t max(0, KL_t - kappa), per token of each sequence. "batch" (not in
+    # the paper; an ablation knob): the hinge on each position's batch-mean KL (latent.batch_free_bits_kl).
+    free_bits_scope: str = "token"
     # Not in the paper (default off): + weight * KL(batch-averaged posterior || uniform) per
     # position, so prior samples look like the posterior's (latent.aggregate_kl).
     aggregate_kl_weight: float = 0.0
@@ -120,6 +123,9 @@ class ModelConfig:
             fail("kappa_bits", "must be >= 0 (free bits per token, in bits)")
         if self.kl_weight < 0:
             fail("kl_weight", "must be >= 0")
+        if self.free_bits_scope not in ("token", "batch"):
+            fail("free_bits_scope", "must be 'token' (the paper's per-token hinge) or 'batch' (the "
+                 "hinge on each position's batch-mean KL)")
         if self.aggregate_kl_weight < 0:
             fail("aggregate_kl_weight", "must be >= 0 (0 = off, the paper's loss)")
         if self.aggregate_kl_form not in ("codes", "bits"):

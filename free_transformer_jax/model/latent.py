@@ -133,6 +133,19 @@ def aggregate_kl(logits_BTH: Array, mask_BT: Array | None = None, form: str = "c
     return jnp.sum(kl_T * present) / jnp.maximum(jnp.sum(present), 1.0)
 
 
+def batch_free_bits_kl(kl_BT: Array, kappa_nats: float, mask_BT: Array | None = None) -> Array:
+    """Free bits with the batch average inside the hinge (Kingma et al. 2016's form):
+    mean_t max(0, mean_b KL_bt - kappa), over positions with a latent in some row. Not the paper's
+    per-token form (:func:`free_bits_kl`): an ablation knob (``model.free_bits_scope="batch"``)
+    under which one record may spend more than kappa at a position as long as the batch's
+    average there stays below it."""
+    mask = jnp.ones_like(kl_BT) if mask_BT is None else mask_BT.astype(jnp.float32)
+    rows = jnp.sum(mask, axis=0)
+    mean_T = jnp.sum(kl_BT * mask, axis=0) / jnp.maximum(rows, 1.0)
+    present = (rows > 0).astype(jnp.float32)
+    return jnp.sum(free_bits_hinge(mean_T, kappa_nats) * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
 # Z @ W: the dense reference ----------------------------------------------------------------------
 def dense_post_sampler(logits_BTH: Array, table_CD: Array, codes_BT: Array) -> Array:
     """``(Y + G - stop_gradient(G)) @ W`` exactly as written in the paper (Eq. 8)."""

@@ -1,6 +1,7 @@
 """The training objective (BUILD_NOTES.md, "Model"): mean next-token CE
 + kl_weight * mean_t max(0, KL_t - kappa) (the free-bits term, ``model.latent.free_bits_kl``)
-[+ aggregate_kl_weight * ``model.latent.aggregate_kl``, off by default: not in the paper].
+[+ aggregate_kl_weight * ``model.latent.aggregate_kl``, off by default: not in the paper]; with
+``model.free_bits_scope="batch"`` (not the paper's) the hinge is on each position's batch-mean KL.
 
 A batch is a dict of (B, T) arrays: ``inputs``, ``targets`` and optionally ``segment_ids`` (0 =
 padding), ``positions`` and ``loss_mask`` (1 where the target is scored). Without ``loss_mask`` the
@@ -66,7 +67,12 @@ def loss_and_metrics(cfg: ModelConfig, logits_BTV: Array, aux: Mapping[str, Any]
     if cfg.latent and aux.get("kl") is not None:
         kl = aux["kl"]
         kl_mean = masked_mean(kl, latent_mask, kl_den)
-        kl_term = latent_lib.free_bits_kl(kl, cfg.kappa_nats, latent_mask, kl_den)
+        if cfg.free_bits_scope == "batch":  # a micro-batch's own term, weighted by its share
+            kl_term = latent_lib.batch_free_bits_kl(kl, cfg.kappa_nats, latent_mask)
+            if kl_den is not None:
+                kl_term = kl_term * jnp.sum(latent_mask) / jnp.maximum(kl_den, 1.0)
+        else:
+            kl_term = latent_lib.free_bits_kl(kl, cfg.kappa_nats, latent_mask, kl_den)
         frac_above = masked_mean((kl > cfg.kappa_nats).astype(jnp.float32), latent_mask, kl_den)
     loss = ce + cfg.kl_weight * kl_term
     agg = None
