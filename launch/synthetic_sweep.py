@@ -24,6 +24,7 @@ import fractions
 import json
 import math
 import os
+import sys
 import time
 
 from absl import app, flags
@@ -183,7 +184,11 @@ def run_model(config, seed, run_dir):
     from free_transformer_jax.trainer import train
 
     train(config, run_dir)
-    _, cfg, params, _ = load_model(run_dir)
+    _, cfg, params, step = load_model(run_dir)
+    if step < config.train.steps:  # train() returned early: preempted (SIGTERM) mid-run
+        print(f"{run_dir} stopped at step {step} of {config.train.steps} (preempted); rerun the "
+              "same command to resume it", flush=True)
+        sys.exit(3)
     batches = data_lib.make_iterator(config, "eval", batch_size=config.train.batch_size, seed=0)
     ev = eval_lib.evaluate(cfg, params, batches, jax.random.key(seed), prior_samples=2,
                            max_batches=_EVAL_BATCHES.value)
