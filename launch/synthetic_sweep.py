@@ -55,12 +55,13 @@ _PROMPT_Z = flags.DEFINE_enum("prompt_z", "prior", ["prior", "encoder"],
                               "paper's 'Z sampled' groups), or sampled from the encoder run on the "
                               "prompt alone (the general prefill protocol).")
 _GROUP_Z = flags.DEFINE_enum(
-    "group_z", "prior", ["prior", "posterior"],
+    "group_z", "prior", ["prior", "posterior", "aggregate"],
     "Where each group's Z comes from. prior: uniform, the paper's generation. posterior: a "
     "diagnostic, not generation from the model: each shared group's Z (and each independent row's) "
     "is the encoder's posterior sample on a fresh record with the prompt's letter, the Z the "
     "decoder was trained with; results.md then also says how often a sample's target and `!` "
-    "match that record's.")
+    "match that record's. aggregate: Z_t drawn independently per position from the posterior "
+    "averaged over 512 validation records (a prior fitted to the aggregate posterior's marginals).")
 _RESCORE = flags.DEFINE_string("rescore", "", "Re-analyse this stored results.json (no training).")
 _COMPARE = flags.DEFINE_string(
     "compare_to", "", "A stored results.json (e.g. the ablations' base): results.md then also "
@@ -209,6 +210,8 @@ def run_model(config, seed, run_dir):
     sources, z_codes = None, None
     if _GROUP_Z.value == "posterior" and cfg.latent:
         sources, z_codes = posterior_group_codes(cfg, params, rows, groups, seed)
+    elif _GROUP_Z.value == "aggregate" and cfg.latent:
+        z_codes = aggregate_group_codes(cfg, params, config, groups, seed)
     out = generate(cfg, params, rows, sc, z_key=jax.random.key(2000 + seed),
                    token_key=jax.random.key(3000 + seed), z_groups=groups, prompt_z=_PROMPT_Z.value,
                    z_codes=z_codes)
@@ -252,9 +255,38 @@ def posterior_group_codes(cfg, params, rows, groups, seed):
             np.stack([codes[row_of[g]] for g in groups]))
 
 
+def aggregate_group_codes(cfg, params, config, groups, seed, n_records=512):
+    """For --group_z=aggregate: q_t, the encoder's posterior over the 2**H codes averaged over
+    ``n_records`` validation records at each position t, then one Z per group with each Z_t drawn
+    independently from q_t. Returns the (rows, 66) codes for ``generate(z_codes=...)``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from free_transformer_jax.data.sources import open_source
+    from free_transformer_jax.model import latent as latent_lib
+    from free_transformer_jax.model.transformer import FreeTransformer
+
+    source = open_source(config, config.data.eval_split, training=False)
+    x = np.stack([source.record(i).ids[:-1] for i in range(min(n_records, len(source)))])
+
+    @jax.jit
+    def mean_probs(p, x, k):
+        _, aux = FreeTransformer(cfg).apply({"params": p}, x, latent="posterior", rngs={"latent": k})
+        return latent_lib.aggregate_posterior(aux["bit_logits"])  # (T, C)
+
+    q = np.asarray(mean_probs(params, jnp.asarray(x), jax.random.key(7000 + seed)), np.float64)
+    q /= q.sum(axis=1, keepdims=True)
+    rng = np.random.default_rng(8000 + seed)
+    ids = sorted(set(groups))
+    z = {g: np.array([rng.choice(cfg.num_codes, p=q_t) for q_t in q]) for g in ids}
+    codes = np.stack([z[g] for g in groups])
+    return np.concatenate([codes, codes[:, -1:]], axis=1).astype(np.int32)
+
+
 def record_match(texts, sources):
     """Mean over samples: target within 1 of its Z record's target, and the Jaccard overlap of the
-    two `!` sets (a sample without a target matches nothing)."""
+    two `!` sets (a sample without a target, or whose record has none, matches nothing)."""
     import numpy as np
 
     from free_transformer_jax import synthetic_metrics as sm
@@ -605,6 +637,11 @@ def provenance_lines(models, settings, rescored):
     ev = sorted({s for m in models.values() for s in m["runs"]}, key=int)
     lines = [f"# Synthetic sweep: {len(ev)} seed{'s' * (len(ev) != 1)}, {steps} steps, "
              f"H = {'/'.join(map(str, hs))}", ""]
+    if settings.get("group_z") == "aggregate":
+        lines.append("**Diagnostic, not the paper's generation**: every group's Z_t was drawn from "
+                     "the encoder's posterior averaged over 512 validation records at position t "
+                     "(--group_z=aggregate, a prior fitted to the aggregate posterior's marginals), "
+                     "not from the uniform prior.")
     if settings.get("group_z") == "posterior":
         lines.append("**Diagnostic, not the paper's generation**: every group's Z was sampled from "
                      "the encoder's posterior on a fresh record (--group_z=posterior), not from the "
@@ -663,7 +700,7 @@ def main(argv):
     runs_dir = _RUNS_DIR.value or os.path.join(outdir, "runs")
     gen_tag = (f"{_PROMPT_Z.value}_T{_TEMPERATURE.value:g}_{_PROMPTS.value}x{1 + _SHARED.value}"
                f"x{_GROUP.value}_E{_EVAL_BATCHES.value}"
-               + ("_Zposterior" if _GROUP_Z.value == "posterior" else ""))
+               + ("" if _GROUP_Z.value == "prior" else f"_Z{_GROUP_Z.value}"))
     for i, (seed, (kappa, h)) in enumerate((s, spec) for s in seeds for spec in specs):
         name = kappa_name(kappa)
         elapsed = time.perf_counter() - t0

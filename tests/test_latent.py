@@ -153,6 +153,8 @@ def test_aggregate_kl_against_enumeration():
         want.append(np.sum(q * np.log(q * 2**n_bits)))
     exact = float(L.aggregate_kl(logits, jnp.asarray(mask), "codes"))
     assert exact == pytest.approx(np.mean(want), rel=1e-5)
+    q = np.asarray(L.aggregate_posterior(logits, jnp.asarray(mask)))
+    np.testing.assert_allclose(q[1], g[:4, 1].mean(axis=0), rtol=1e-5, atol=1e-7)
     bits = float(L.aggregate_kl(logits, jnp.asarray(mask), "bits"))
     assert 0.0 < bits < exact
     # one row, independent bits: the aggregate is that row's posterior, and both forms give its KL
@@ -167,6 +169,7 @@ def test_aggregate_kl_against_enumeration():
     assert float(L.aggregate_kl(flip, form="codes")) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="needs H <= 12"):
         L.aggregate_kl(jnp.zeros((1, 1, 13)), form="codes")
+    assert float(L.aggregate_kl(jnp.zeros((1, 1, 13)), form="bits")) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_training_loss_adds_the_aggregate_kl_when_asked():

@@ -106,6 +106,19 @@ AGGREGATE_KL_FORMS = ("codes", "bits")
 AGGREGATE_KL_MAX_BITS = 12  # the "codes" form holds a (B, T, 2**H) float32 tensor
 
 
+def aggregate_posterior(logits_BTH: Array, mask_BT: Array | None = None) -> Array:
+    """(T, C): at each position, the posterior over all 2**H codes averaged over the rows (where
+    ``mask_BT`` is 1). Holds a (B, T, 2**H) float32 tensor, so H <= 12."""
+    l32 = logits_BTH.astype(jnp.float32)
+    b, t, h = l32.shape
+    if h > AGGREGATE_KL_MAX_BITS:
+        raise ValueError(f"the aggregate posterior over codes needs H <= {AGGREGATE_KL_MAX_BITS}, "
+                         f"not {h}; use model.aggregate_kl_form='bits'")
+    mask = jnp.ones((b, t), jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
+    probs = jnp.exp(log_code_probs(l32.reshape(b * t, h), bit_table(0, 2**h, h))).reshape(b, t, -1)
+    return jnp.einsum("bt,btc->tc", mask, probs) / jnp.maximum(jnp.sum(mask, axis=0), 1.0)[:, None]
+
+
 def aggregate_kl(logits_BTH: Array, mask_BT: Array | None = None, form: str = "codes") -> Array:
     """KL(q_t || uniform) in nats, averaged over positions, where q_t is the posterior averaged over
     the batch's rows at position t (the aggregate posterior that prior samples should look like).
@@ -117,11 +130,7 @@ def aggregate_kl(logits_BTH: Array, mask_BT: Array | None = None, form: str = "c
     mask = jnp.ones((b, t), jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
     rows = jnp.sum(mask, axis=0)  # (T,) rows with a latent at each position
     if form == "codes":
-        if h > AGGREGATE_KL_MAX_BITS:
-            raise ValueError(f"aggregate_kl form 'codes' needs H <= {AGGREGATE_KL_MAX_BITS}, not {h}; "
-                             "use model.aggregate_kl_form='bits'")
-        probs = jnp.exp(log_code_probs(l32.reshape(b * t, h), bit_table(0, 2**h, h))).reshape(b, t, -1)
-        q_TC = jnp.einsum("bt,btc->tc", mask, probs) / jnp.maximum(rows, 1.0)[:, None]
+        q_TC = aggregate_posterior(l32, mask)
         kl_T = jnp.sum(jax.scipy.special.xlogy(q_TC, q_TC), axis=-1) + h * LN2
     elif form == "bits":
         p_TH = jnp.einsum("bt,bth->th", mask, jax.nn.sigmoid(l32)) / jnp.maximum(rows, 1.0)[:, None]
