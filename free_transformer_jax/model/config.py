@@ -15,6 +15,9 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 LATENT_IMPLS = ("fused", "dense")
+FREE_BITS_SCOPES = ("token", "batch")
+AGGREGATE_KL_FORMS = ("codes", "bits")
+AGGREGATE_KL_MAX_BITS = 12  # the "codes" form holds a (B, T, 2**H) float32 tensor
 # xla: one dense einsum, autodiffed (the reference); chunked: the same, `attention_chunk` queries
 # at a time; blocked: pure JAX, blocks of queries against the keys they see, with a written-out
 # flash-style backward (model/fused.py; any platform, the CPU default); splash: the TPU Splash
@@ -123,16 +126,18 @@ class ModelConfig:
             fail("kappa_bits", "must be >= 0 (free bits per token, in bits)")
         if self.kl_weight < 0:
             fail("kl_weight", "must be >= 0")
-        if self.free_bits_scope not in ("token", "batch"):
+        if self.free_bits_scope not in FREE_BITS_SCOPES:
             fail("free_bits_scope", "must be 'token' (the paper's per-token hinge) or 'batch' (the "
                  "hinge on each position's batch-mean KL)")
         if self.aggregate_kl_weight < 0:
             fail("aggregate_kl_weight", "must be >= 0 (0 = off, the paper's loss)")
-        if self.aggregate_kl_form not in ("codes", "bits"):
-            fail("aggregate_kl_form", "must be 'codes' (exact, H <= 12) or 'bits' (any H)")
-        if self.aggregate_kl_weight and self.aggregate_kl_form == "codes" and self.latent_bits > 12:
-            fail("aggregate_kl_form", f"'codes' needs latent_bits <= 12, not {self.latent_bits}; "
-                 "use 'bits' (per-bit marginals)")
+        if self.aggregate_kl_form not in AGGREGATE_KL_FORMS:
+            fail("aggregate_kl_form", f"must be 'codes' (exact, H <= {AGGREGATE_KL_MAX_BITS}) or "
+                 "'bits' (any H)")
+        if (self.aggregate_kl_weight and self.aggregate_kl_form == "codes"
+                and self.latent_bits > AGGREGATE_KL_MAX_BITS):
+            fail("aggregate_kl_form", f"'codes' needs latent_bits <= {AGGREGATE_KL_MAX_BITS}, not "
+                 f"{self.latent_bits}; use 'bits' (per-bit marginals)")
         if not -1 <= self.inject_layer < self.n_layers or (self.n_layers == 1 and self.inject_layer != 0):
             fail("inject_layer", f"must be in [0, n_layers-1] = [0, {self.n_layers - 1}] "
                  "(or -1 for n_layers // 2): at least one block must follow the encoder")

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from free_transformer_jax import sharding as shard_lib
+from free_transformer_jax.model.config import AGGREGATE_KL_FORMS, AGGREGATE_KL_MAX_BITS
 
 Array = jax.Array
 LN2 = math.log(2.0)
@@ -102,8 +103,22 @@ def free_bits_kl(kl_BT: Array, kappa_nats: float, mask_BT: Array | None = None,
     return jnp.sum(hinge * mask) / jnp.maximum(denominator, 1.0)
 
 
-AGGREGATE_KL_FORMS = ("codes", "bits")
-AGGREGATE_KL_MAX_BITS = 12  # the "codes" form holds a (B, T, 2**H) float32 tensor
+def _row_mean(x_BT: Array, mask_BT: Array) -> tuple[Array, Array]:
+    """(mean over the rows where ``mask_BT`` is 1 at each position, shape (T, ...); the (T,) count
+    of those rows). ``x_BT`` may carry trailing axes."""
+    rows = jnp.sum(mask_BT, axis=0)
+    total = jnp.einsum("bt,bt...->t...", mask_BT, x_BT)
+    return total / jnp.maximum(rows, 1.0).reshape(rows.shape + (1,) * (total.ndim - 1)), rows
+
+
+def _position_mean(v_T: Array, rows_T: Array) -> Array:
+    """Mean of ``v_T`` over the positions with at least one row."""
+    present = (rows_T > 0).astype(jnp.float32)
+    return jnp.sum(v_T * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
+def _mask_or_ones(mask_BT: Array | None, shape: tuple[int, int]) -> Array:
+    return jnp.ones(shape, jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
 
 
 def aggregate_posterior(logits_BTH: Array, mask_BT: Array | None = None) -> Array:
@@ -114,9 +129,8 @@ def aggregate_posterior(logits_BTH: Array, mask_BT: Array | None = None) -> Arra
     if h > AGGREGATE_KL_MAX_BITS:
         raise ValueError(f"the aggregate posterior over codes needs H <= {AGGREGATE_KL_MAX_BITS}, "
                          f"not {h}; use model.aggregate_kl_form='bits'")
-    mask = jnp.ones((b, t), jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
     probs = jnp.exp(log_code_probs(l32.reshape(b * t, h), bit_table(0, 2**h, h))).reshape(b, t, -1)
-    return jnp.einsum("bt,btc->tc", mask, probs) / jnp.maximum(jnp.sum(mask, axis=0), 1.0)[:, None]
+    return _row_mean(probs, _mask_or_ones(mask_BT, (b, t)))[0]
 
 
 def aggregate_kl(logits_BTH: Array, mask_BT: Array | None = None, form: str = "codes") -> Array:
@@ -127,19 +141,17 @@ def aggregate_kl(logits_BTH: Array, mask_BT: Array | None = None, form: str = "c
     per-bit marginals' KLs, a lower bound (it misses the correlation between bits) at any H."""
     l32 = logits_BTH.astype(jnp.float32)
     b, t, h = l32.shape
-    mask = jnp.ones((b, t), jnp.float32) if mask_BT is None else mask_BT.astype(jnp.float32)
-    rows = jnp.sum(mask, axis=0)  # (T,) rows with a latent at each position
+    mask = _mask_or_ones(mask_BT, (b, t))
+    xlogx = jax.scipy.special.xlogy
     if form == "codes":
         q_TC = aggregate_posterior(l32, mask)
-        kl_T = jnp.sum(jax.scipy.special.xlogy(q_TC, q_TC), axis=-1) + h * LN2
+        kl_T = jnp.sum(xlogx(q_TC, q_TC), axis=-1) + h * LN2
     elif form == "bits":
-        p_TH = jnp.einsum("bt,bth->th", mask, jax.nn.sigmoid(l32)) / jnp.maximum(rows, 1.0)[:, None]
-        xlogx = jax.scipy.special.xlogy
+        p_TH, _ = _row_mean(jax.nn.sigmoid(l32), mask)
         kl_T = jnp.sum(xlogx(p_TH, p_TH) + xlogx(1.0 - p_TH, 1.0 - p_TH) + LN2, axis=-1)
     else:
         raise ValueError(f"aggregate_kl form={form!r}: expected one of {AGGREGATE_KL_FORMS}")
-    present = (rows > 0).astype(jnp.float32)
-    return jnp.sum(kl_T * present) / jnp.maximum(jnp.sum(present), 1.0)
+    return _position_mean(kl_T, jnp.sum(mask, axis=0))
 
 
 def batch_free_bits_kl(kl_BT: Array, kappa_nats: float, mask_BT: Array | None = None) -> Array:
@@ -148,11 +160,8 @@ def batch_free_bits_kl(kl_BT: Array, kappa_nats: float, mask_BT: Array | None = 
     per-token form (:func:`free_bits_kl`): an ablation knob (``model.free_bits_scope="batch"``)
     under which one record may spend more than kappa at a position as long as the batch's
     average there stays below it."""
-    mask = jnp.ones_like(kl_BT) if mask_BT is None else mask_BT.astype(jnp.float32)
-    rows = jnp.sum(mask, axis=0)
-    mean_T = jnp.sum(kl_BT * mask, axis=0) / jnp.maximum(rows, 1.0)
-    present = (rows > 0).astype(jnp.float32)
-    return jnp.sum(free_bits_hinge(mean_T, kappa_nats) * present) / jnp.maximum(jnp.sum(present), 1.0)
+    mean_T, rows = _row_mean(kl_BT, _mask_or_ones(mask_BT, kl_BT.shape))
+    return _position_mean(free_bits_hinge(mean_T, kappa_nats), rows)
 
 
 # Z @ W: the dense reference ----------------------------------------------------------------------

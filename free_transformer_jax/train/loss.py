@@ -64,22 +64,20 @@ def loss_and_metrics(cfg: ModelConfig, logits_BTV: Array, aux: Mapping[str, Any]
     ce = masked_mean(cross_entropy(logits_BTV, batch["targets"]), target_mask, ce_den)
     zero = jnp.zeros((), jnp.float32)
     kl_mean, kl_term, frac_above = zero, zero, zero
+    # terms computed over a micro-batch's own rows (batch means) count with its share of positions
+    share = 1.0 if kl_den is None else jnp.sum(latent_mask) / jnp.maximum(kl_den, 1.0)
     if cfg.latent and aux.get("kl") is not None:
         kl = aux["kl"]
         kl_mean = masked_mean(kl, latent_mask, kl_den)
-        if cfg.free_bits_scope == "batch":  # a micro-batch's own term, weighted by its share
-            kl_term = latent_lib.batch_free_bits_kl(kl, cfg.kappa_nats, latent_mask)
-            if kl_den is not None:
-                kl_term = kl_term * jnp.sum(latent_mask) / jnp.maximum(kl_den, 1.0)
+        if cfg.free_bits_scope == "batch":
+            kl_term = share * latent_lib.batch_free_bits_kl(kl, cfg.kappa_nats, latent_mask)
         else:
             kl_term = latent_lib.free_bits_kl(kl, cfg.kappa_nats, latent_mask, kl_den)
         frac_above = masked_mean((kl > cfg.kappa_nats).astype(jnp.float32), latent_mask, kl_den)
     loss = ce + cfg.kl_weight * kl_term
     agg = None
     if cfg.latent and cfg.aggregate_kl_weight and aux.get("bit_logits") is not None:
-        agg = latent_lib.aggregate_kl(aux["bit_logits"], latent_mask, cfg.aggregate_kl_form)
-        if kl_den is not None:  # a micro-batch's own aggregate, weighted by its share of positions
-            agg = agg * jnp.sum(latent_mask) / jnp.maximum(kl_den, 1.0)
+        agg = share * latent_lib.aggregate_kl(aux["bit_logits"], latent_mask, cfg.aggregate_kl_form)
         loss = loss + cfg.aggregate_kl_weight * agg
     metrics = {"loss": loss, "ce": ce, "kl_nats": kl_mean, "kl_bits": kl_mean / math.log(2.0),
                "kl_term": kl_term, "frac_above_kappa": frac_above,
