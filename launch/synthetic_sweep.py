@@ -116,36 +116,46 @@ def latent_bits_for(overrides: list[str]) -> dict[float, int]:
     return out
 
 
+def validation_records(config, n_records):
+    """The first ``n_records`` records of the evaluation split (SyntheticRecord objects)."""
+    from free_transformer_jax.data.sources import open_source
+
+    source = open_source(config, config.data.eval_split, training=False)
+    return [source.record(i) for i in range(min(n_records, len(source)))]
+
+
+def posterior_pass(cfg, params, x_BT, key):
+    """(logits, aux) of the model on ``x_BT`` with Z sampled from the encoder's posterior."""
+    import jax
+    import jax.numpy as jnp
+
+    from free_transformer_jax.model.transformer import FreeTransformer
+
+    apply = jax.jit(lambda p, x, k: FreeTransformer(cfg).apply({"params": p}, x, latent="posterior",
+                                                               rngs={"latent": k}))
+    return apply(params, jnp.asarray(x_BT), key)
+
+
 def probe(cfg, params, config, seed, n_records=512):
     """Posterior cross-entropy by kind of target on ``n_records`` validation records (how much Z
     tells the decoder about the noise, `!` targets: ln 16 = 2.773 without Z, and the run, letter
     targets), and :func:`synthetic_metrics.latent_probe` of the posterior's bit probabilities."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from free_transformer_jax import synthetic_metrics as sm
-    from free_transformer_jax.data.sources import open_source
-    from free_transformer_jax.model.transformer import FreeTransformer
 
-    source = open_source(config, config.data.eval_split, training=False)
-    records = [source.record(i) for i in range(min(n_records, len(source)))]
+    records = validation_records(config, n_records)
     ids = np.stack([r.ids for r in records])
-
-    @jax.jit
-    def apply(p, x, k):
-        logits, aux = FreeTransformer(cfg).apply({"params": p}, x, latent="posterior",
-                                                 rngs={"latent": k})
-        bits = jax.nn.sigmoid(aux["bit_logits"]) if "bit_logits" in aux else None
-        return jax.nn.log_softmax(logits, axis=-1), bits
-
-    logp, bits = apply(params, jnp.asarray(ids[:, :-1]), jax.random.key(4000 + seed))
-    nll = -np.take_along_axis(np.asarray(logp), ids[:, 1:, None], axis=-1)[..., 0]
+    logits, aux = posterior_pass(cfg, params, ids[:, :-1], jax.random.key(4000 + seed))
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    nll = -np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     out = {f"ce_{k}_posterior": v for k, v in sm.ce_by_class(nll, ids[:, 1:]).items()}
-    if bits is None:
+    if "bit_logits" not in aux:
         return {**out, **{k: None for k in BIT_PROBES}}
-    corr = sm.latent_probe(np.asarray(bits), ids[:, 1:], np.array([r.start for r in records]))
-    split = sm.kl_split(np.asarray(bits))
+    bits = np.asarray(jax.nn.sigmoid(aux["bit_logits"]))
+    corr = sm.latent_probe(bits, ids[:, 1:], np.array([r.start for r in records]))
+    split = sm.kl_split(bits)
     return {**out, **{f"corr_{k}": v for k, v in corr.items()},
             "kl_mi_bits": split["mi"], "kl_aggregate_bits": split["aggregate"]}
 
@@ -226,17 +236,23 @@ def run_model(config, seed, run_dir):
     return metrics, {f"{p}/{g}": texts[i:i + _GROUP.value] for p, g, i in layout}
 
 
+def rows_of_group_codes(codes_by_group, groups):
+    """(rows, 66) int32 codes for ``generate(z_codes=...)``: each row its group's Z for input
+    positions 0..64, plus the last slot, which is never fed."""
+    import numpy as np
+
+    codes = np.stack([codes_by_group[g] for g in groups])
+    return np.concatenate([codes, codes[:, -1:]], axis=1).astype(np.int32)
+
+
 def posterior_group_codes(cfg, params, rows, groups, seed):
     """For --group_z=posterior: one fresh record per Z group (the prompt's letter, a uniform start,
     the data's noise), encoded by the model's encoder with Z sampled from its posterior. Returns
-    each row's record text and the (rows, 66) codes for ``generate(z_codes=...)`` (input positions
-    0..64; the last slot is never fed)."""
+    each row's record text and its codes (:func:`rows_of_group_codes`)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from free_transformer_jax.data import synthetic
-    from free_transformer_jax.model.transformer import FreeTransformer
 
     rng = np.random.default_rng(5000 + seed)
     ids = sorted(set(groups))
@@ -244,44 +260,29 @@ def posterior_group_codes(cfg, params, rows, groups, seed):
     records = {g: synthetic.make_record(letter_of[g], int(rng.integers(0, synthetic.MAX_START + 1)),
                                         rng.random(synthetic.BODY_LEN) < synthetic.NOISE_PROB)
                for g in ids}
-    x = np.stack([records[g].ids[:-1] for g in ids])
-    _, aux = jax.jit(lambda p, x, k: FreeTransformer(cfg).apply(
-        {"params": p}, x, latent="posterior", rngs={"latent": k}))(
-        params, jnp.asarray(x), jax.random.key(6000 + seed))
+    _, aux = posterior_pass(cfg, params, np.stack([records[g].ids[:-1] for g in ids]),
+                            jax.random.key(6000 + seed))
     codes = np.asarray(aux["codes"])
-    codes = np.concatenate([codes, codes[:, -1:]], axis=1)  # the unused last slot
-    row_of = {g: i for i, g in enumerate(ids)}
     return ([records[g].text for g in groups],
-            np.stack([codes[row_of[g]] for g in groups]))
+            rows_of_group_codes({g: codes[i] for i, g in enumerate(ids)}, groups))
 
 
 def aggregate_group_codes(cfg, params, config, groups, seed, n_records=512):
     """For --group_z=aggregate: q_t, the encoder's posterior over the 2**H codes averaged over
     ``n_records`` validation records at each position t, then one Z per group with each Z_t drawn
-    independently from q_t. Returns the (rows, 66) codes for ``generate(z_codes=...)``."""
+    independently from q_t. Returns the rows' codes (:func:`rows_of_group_codes`)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from free_transformer_jax.data.sources import open_source
     from free_transformer_jax.model import latent as latent_lib
-    from free_transformer_jax.model.transformer import FreeTransformer
 
-    source = open_source(config, config.data.eval_split, training=False)
-    x = np.stack([source.record(i).ids[:-1] for i in range(min(n_records, len(source)))])
-
-    @jax.jit
-    def mean_probs(p, x, k):
-        _, aux = FreeTransformer(cfg).apply({"params": p}, x, latent="posterior", rngs={"latent": k})
-        return latent_lib.aggregate_posterior(aux["bit_logits"])  # (T, C)
-
-    q = np.asarray(mean_probs(params, jnp.asarray(x), jax.random.key(7000 + seed)), np.float64)
+    x = np.stack([r.ids[:-1] for r in validation_records(config, n_records)])
+    _, aux = posterior_pass(cfg, params, x, jax.random.key(7000 + seed))
+    q = np.asarray(latent_lib.aggregate_posterior(aux["bit_logits"]), np.float64)  # (T, C)
     q /= q.sum(axis=1, keepdims=True)
     rng = np.random.default_rng(8000 + seed)
-    ids = sorted(set(groups))
-    z = {g: np.array([rng.choice(cfg.num_codes, p=q_t) for q_t in q]) for g in ids}
-    codes = np.stack([z[g] for g in groups])
-    return np.concatenate([codes, codes[:, -1:]], axis=1).astype(np.int32)
+    return rows_of_group_codes({g: np.array([rng.choice(cfg.num_codes, p=q_t) for q_t in q])
+                                for g in sorted(set(groups))}, groups)
 
 
 def record_match(texts, sources):
