@@ -10,7 +10,7 @@ Launch scripts load them with ``config_flags.DEFINE_config_file(..., lock_config
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -117,18 +117,22 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _mutable(field: str) -> bool:
-    return any(field == m or (m.endswith(".*") and field.startswith(m[:-1])) for m in RESUME_MUTABLE)
+def _matches(field: str, patterns: Sequence[str]) -> bool:
+    return any(field == m or (m.endswith(".*") and field.startswith(m[:-1])) for m in patterns)
 
 
-def resume_changes(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+def resume_changes(previous: Mapping[str, Any], current: Mapping[str, Any],
+                   mutable: Sequence[str] = RESUME_MUTABLE) -> list[str]:
     """``"field: old -> new"`` for every field that differs between the run's recorded config and
-    this one and may not change on resume (fields only one side has are ignored: code changes add
-    and remove fields)."""
+    this one and is not in ``mutable`` (names, or ``section.*``). A field added to the code after the run was recorded
+    reads as its :func:`base_config` default there (new fields keep the old behaviour by default,
+    so a non-default value of one is a change); a field the code no longer has is ignored."""
     old = _flatten(previous)
     new = _flatten(json.loads(json.dumps(dict(current))))  # the same JSON types config.json holds
+    default = _flatten(json.loads(json.dumps(base_config().to_dict())))
+    old.update({k: default[k] for k in new.keys() - old.keys() if k in default})
     return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
-            if old[k] != new[k] and not _mutable(k)]
+            if old[k] != new[k] and not _matches(k, mutable)]
 
 
 def check_resume(workdir: str, current: Mapping[str, Any]) -> None:

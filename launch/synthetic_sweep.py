@@ -72,8 +72,8 @@ _RUNS_DIR = flags.DEFINE_string(
     "its own cached samples, and no model is trained twice.")
 
 GEN_COLUMNS = (("pos_agree_shared", "pos. agreement shared Z"), ("pos_agree_indep", "indep. Z"),
-               ("pos_excess", "excess"), ("noise_agree_shared", "`!` overlap shared Z"),
-               ("noise_agree_indep", "indep. Z"), ("noise_excess", "excess"),
+               ("pos_excess", "pos. excess"), ("noise_agree_shared", "`!` overlap shared Z"),
+               ("noise_agree_indep", "indep. Z"), ("noise_excess", "`!` excess"),
                ("target_rate", "has a target"), ("validity", "validity"))
 EVAL_COLUMNS = (("kl_bits", "KL bits/token"), ("ce_posterior", "CE posterior"),
                 ("elbo", "ELBO = CE + KL (nats)"), ("ce_prior", "CE prior Z"))
@@ -308,36 +308,34 @@ def record_match(texts, sources):
 
 
 # Fields that do not change what a run trains, so a run may resume under other values.
-_BOOKKEEPING = {"train": ("log_every", "ckpt_every", "keep_ckpts", "async_ckpt", "eval_every",
-                          "profile_steps"),
-                "data": ("num_workers", "prefetch", "read_threads", "read_buffer"),
-                "model": ("latent_code_chunk", "latent_token_chunk", "attention_chunk", "remat_policy"),
-                "mesh": ("data", "fsdp", "tensor", "dcn_data")}
+# settings that change neither the trained model nor its samples (logging, chunking, the mesh)
+_BOOKKEEPING = ("train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.async_ckpt",
+                "train.eval_every", "train.profile_steps", "data.num_workers", "data.prefetch",
+                "data.read_threads", "data.read_buffer", "model.latent_code_chunk",
+                "model.latent_token_chunk", "model.attention_chunk", "model.remat_policy", "mesh.*")
+
+# what only the latent path reads: a baseline is the same model whatever they are, so sweeps that
+# ablate them (--runs_dir of their own, the baseline's run linked in) share one baseline
+_LATENT_ONLY = tuple(f"model.{k}" for k in (
+    "latent_bits", "kappa_bits", "kl_weight", "free_bits_scope", "aggregate_kl_weight",
+    "aggregate_kl_form", "latent_impl", "encoder_abs_pos"))
 
 
 def check_run_config(run_dir, config):
     """A run directory holds one training setup: refuse to resume it under another config (the
-    trainer writes config.json there), naming the fields that differ."""
+    trainer writes config.json there), naming the fields that differ. A field added to the code
+    after the run was trained reads as its default (``configlib.resume_changes``); a baseline's
+    run ignores the fields only the latent path reads."""
+    from free_transformer_jax import configlib
+
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         return
     with open(path) as f:
-        old = json.load(f)
-    new = json.loads(json.dumps(config.to_dict()))
-    # a field added to the code after the run was trained reads as its default (new fields keep
-    # the old behaviour by default), so old runs stay usable and a changed value is still refused
-    from free_transformer_jax.configlib import base_config
-
-    default = json.loads(json.dumps(base_config().to_dict()))
-
-    def old_value(sec, k):
-        return old.get(sec, {}).get(k, default.get(sec, {}).get(k))
-
-    diff = [f"{sec}.{k}" for sec in sorted(set(old) | set(new))
-            for k in sorted(set(old.get(sec, {})) | set(new.get(sec, {})))
-            if k not in _BOOKKEEPING.get(sec, ()) and old_value(sec, k) != new.get(sec, {}).get(k)]
+        diff = configlib.resume_changes(json.load(f), config.to_dict(), mutable=_BOOKKEEPING + (
+            () if config.model.latent else _LATENT_ONLY))
     if diff:
-        raise app.UsageError(f"{run_dir} was trained with other values of {', '.join(diff)}; use "
+        raise app.UsageError(f"{run_dir} was trained with other values ({'; '.join(diff)}); use "
                              "another --outdir/--runs_dir for this setup")
 
 
@@ -390,7 +388,7 @@ def write_table(outdir, models, analyses, checks, provenance):
              "and, for shared Z, one Z, so they are not independent samples). Checks use 95% "
              "percentile intervals of the same bootstrap. Target position = start of the 8-window "
              "of the prompt letter and `!` holding at least 3 consecutive letters (most letters, "
-             "leftmost); a sequence with no such window agrees with nothing. `excess` = shared "
+             "leftmost); a sequence with no such window agrees with nothing. Each excess = shared "
              "minus independent Z, resampled together within a seed.", "",
              *boot_table(GEN_COLUMNS, "samples")]
     lines += ["", "Likelihoods on validation batches (per token; the spread is over seeds only). "

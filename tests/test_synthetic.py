@@ -405,7 +405,8 @@ def test_sweep_end_to_end_tiny(tmp_path):
                         f"--outdir={tmp_path}/other", f"--runs_dir={out}/runs",
                         "--config.model.aggregate_kl_weight=1", *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
-    assert r.returncode != 0 and "other values of model.aggregate_kl_weight" in r.stderr
+    assert r.returncode != 0 and "other values (model.aggregate_kl_weight: 0.0 -> 1.0)" in r.stderr
+    assert "1_8_bit_H4_seed0 was trained" in r.stderr  # the baseline, which ignores it, was reused
     # the posterior-Z diagnostic on the same models (nothing trained): Z comes from records
     post = str(tmp_path / "post")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "synthetic_sweep.py"),

@@ -166,6 +166,19 @@ def test_resuming_with_another_seq_len_is_refused(resumable):
     assert configlib.resume_changes(c.to_dict(), longer.to_dict()) == []
 
 
+def test_resume_reads_fields_the_recorded_config_lacks_as_defaults():
+    """A run recorded before a field existed ran with that field's default behaviour: resuming it
+    with the default passes, with another value is refused; a field the code dropped is ignored."""
+    c = tiny_train_config()
+    recorded = json.loads(json.dumps(c.to_dict()))
+    del recorded["model"]["free_bits_scope"]  # as if config.json predates the field
+    recorded["model"]["a_field_the_code_dropped"] = 3
+    assert configlib.resume_changes(recorded, c.to_dict()) == []
+    c.model.free_bits_scope = "batch"
+    assert configlib.resume_changes(recorded, c.to_dict()) == ["model.free_bits_scope: 'token' -> "
+                                                               "'batch'"]
+
+
 def test_workdir_under_a_regular_file(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
