@@ -80,10 +80,12 @@ EVAL_COLUMNS = (("kl_bits", "KL bits/token"), ("ce_posterior", "CE posterior"),
 PROBE = (("ce_bang_posterior", "CE on `!` targets"), ("ce_letter_posterior", "CE on letter targets"),
          ("ce_underscore_posterior", "CE on `_` targets"), ("corr_noise", "bit vs `!`"),
          ("corr_start", "bit vs run start"), ("kl_mi_bits", "KL: information"),
-         ("kl_aggregate_bits", "KL: aggregate vs prior"))
+         ("kl_aggregate_bits", "KL: aggregate vs prior"),
+         ("kl_at_budget", "tokens at the KL budget"), ("kl_above_kappa", "tokens above kappa"))
 # probe columns computed from the posterior's bits (none for the baseline; recomputed from the
 # checkpoint when a cached run predates them)
-BIT_PROBES = ("corr_noise", "corr_start", "kl_mi_bits", "kl_aggregate_bits")
+BIT_PROBES = ("corr_noise", "corr_start", "kl_mi_bits", "kl_aggregate_bits", "kl_at_budget",
+              "kl_above_kappa")
 # with --group_z=posterior: how often a sample reproduces the record its Z was encoded from
 RECORD_MATCH = (("rec_pos_match", "target at the record's (within 1)"),
                 ("rec_pos_match_early", "same, record start 0-18"),
@@ -155,9 +157,10 @@ def probe(cfg, params, config, seed, n_records=512):
         return {**out, **{k: None for k in BIT_PROBES}}
     bits = np.asarray(jax.nn.sigmoid(aux["bit_logits"]))
     corr = sm.latent_probe(bits, ids[:, 1:], np.array([r.start for r in records]))
-    split = sm.kl_split(bits)
+    split, budget = sm.kl_split(bits), sm.kl_budget(bits, cfg.kappa_bits)
     return {**out, **{f"corr_{k}": v for k, v in corr.items()},
-            "kl_mi_bits": split["mi"], "kl_aggregate_bits": split["aggregate"]}
+            "kl_mi_bits": split["mi"], "kl_aggregate_bits": split["aggregate"],
+            "kl_at_budget": budget["at_budget"], "kl_above_kappa": budget["above"]}
 
 
 def reprobe(config, seed, run_dir):
@@ -404,7 +407,9 @@ def write_table(outdir, models, analyses, checks, provenance):
               "(bits, over positions) = information + aggregate vs prior, exactly: information "
               "is the mutual information between Z_t and the record, aggregate vs prior the KL "
               "of the posterior averaged over records from the uniform prior, a departure prior "
-              "samples never reproduce (synthetic_metrics.kl_split).", "",
+              "samples never reproduce (synthetic_metrics.kl_split). Tokens at the KL budget: "
+              "fraction of (record, position) whose KL is at least 0.95 kappa; above kappa: "
+              "where the free-bits hinge charges (synthetic_metrics.kl_budget).", "",
               "| model | " + " | ".join(c for _, c in PROBE) + " |", "|---|" + "---|" * len(PROBE)]
     for name, m in models.items():
         cells = []

@@ -120,6 +120,15 @@ def test_ce_by_class():
     assert sm.CE_BANG_WITHOUT_Z == pytest.approx(2.7725887)
 
 
+def test_kl_budget_counts_tokens_at_and_above_kappa():
+    # KL_t in bits: 0 (both bits uniform), 2 (both certain), 1 (one certain), 1 - Hb(0.11) ~ 0.5
+    p = np.array([[[0.5, 0.5], [1.0, 0.0], [0.5, 1.0], [0.5, 0.11]]])
+    assert sm.kl_budget(p, 0.9) == pytest.approx({"at_budget": 0.5, "above": 0.5})
+    assert sm.kl_budget(p, 1.5) == pytest.approx({"at_budget": 0.25, "above": 0.25})
+    # 0.95 x 0.52 = 0.494 <= 0.5001: the fourth token is at this budget without being above it
+    assert sm.kl_budget(p, 0.52) == pytest.approx({"at_budget": 0.75, "above": 0.5})
+
+
 def test_kl_split_into_information_and_aggregate_mismatch():
     """kl = mi + aggregate, each checked against a brute-force enumeration of the codes; a
     posterior that is the same for every record carries no information (mi 0, its whole KL is
@@ -245,7 +254,8 @@ def test_paper_ordering_checks_use_intervals():
                           "kl_bits": (0.12, 0.001)},
                   1.0: {**base, "pos_excess": (0.8, 0.03), "pos_agree_shared": (0.9, 0.03),
                         "noise_excess": (0.4, 0.03), "validity": (0.95, 0.02), "kl_bits": (0.95, 0.02)},
-                  8.0: {**base, "validity": (0.1, 0.05), "kl_bits": (7.9, 0.05)}}
+                  8.0: {**base, "validity": (0.1, 0.05), "kl_bits": (7.9, 0.05),
+                        "kl_at_budget": (0.9, 0.02)}}
     bits = {1 / 64: 8, 1 / 8: 8, 1.0: 8, 8.0: 16}
 
     def run(spec, bits=bits):
@@ -268,6 +278,9 @@ def test_paper_ordering_checks_use_intervals():
             "validity drops at 8 bits",
             "8 bits: collapse (validity far below the baseline's) with the KL term binding"],
         (1 / 8, "kl_bits", (0.13, 0.01)): ["final KL at or below kappa = 0.125 bit"],
+        # H = 16 lets the term bind, but most tokens sit below the budget: it does not
+        (8.0, "kl_at_budget", (0.45, 0.03)): [
+            "8 bits: collapse (validity far below the baseline's) with the KL term binding"],
     }
     for (k, metric, value), names in broken.items():
         spec = {kk: dict(v) for kk, v in paper_like.items()}
@@ -358,7 +371,7 @@ def test_sweep_end_to_end_tiny(tmp_path):
         assert run["elbo"] == pytest.approx(run["ce_posterior"] + run["kl_bits"] * np.log(2), rel=1e-5)
         for k in ("ce_bang_posterior", "ce_letter_posterior", "ce_underscore_posterior"):
             assert 0 < run[k] < 10, (name, k)
-        for k in ("corr_noise", "corr_start"):
+        for k in ("corr_noise", "corr_start", "kl_at_budget", "kl_above_kappa"):
             assert run[k] is None if name == "baseline" else 0 <= run[k] <= 1
         if name == "baseline":
             assert run["kl_mi_bits"] is None and run["kl_aggregate_bits"] is None
@@ -388,7 +401,7 @@ def test_sweep_end_to_end_tiny(tmp_path):
     cached = glob.glob(os.path.join(out, "runs", "1_8_bit_H4_seed0", "sweep_result_*.json"))
     assert len(cached) == 1
     old = json.load(open(cached[0]))
-    del old["metrics"]["kl_mi_bits"], old["metrics"]["kl_aggregate_bits"]
+    del old["metrics"]["kl_mi_bits"], old["metrics"]["kl_at_budget"]
     json.dump(old, open(cached[0], "w"))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "synthetic_sweep.py"),
                         f"--outdir={out}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
