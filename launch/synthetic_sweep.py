@@ -39,13 +39,13 @@ _KAPPAS = flags.DEFINE_list("kappas", ["0.015625", "0.125", "1", "8"], "kappa in
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 _BASELINE = flags.DEFINE_bool("baseline", True, "Also train the baseline (latent off).")
 _LATENT_BITS_FOR = flags.DEFINE_list(
-    "latent_bits_for", ["8:16"],
+    "latent_bits_for", ["8:12"],
     "kappa:H pairs overriding config.model.latent_bits for that kappa. The KL of H bits never "
     "exceeds H bits, so a kappa >= H leaves the model with no KL term (its rows are labelled so).")
 _CODE_CHUNK = flags.DEFINE_integer(
     "code_chunk", 4096, "config.model.latent_code_chunk for models with more codes than this "
     "(the fused backward then never holds a tokens x 2^H tensor whole; H = 16 stays affordable).")
-_PROMPTS = flags.DEFINE_integer("prompts", 6, "Random prompts per model.")
+_PROMPTS = flags.DEFINE_integer("prompts", 12, "Random prompts per model.")
 _SHARED = flags.DEFINE_integer("shared_groups", 3, "Shared-Z groups per prompt.")
 _GROUP = flags.DEFINE_integer("group_size", 8, "Sequences per group.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Token sampling temperature.")
