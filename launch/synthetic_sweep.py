@@ -310,8 +310,8 @@ def record_match(texts, sources):
             "rec_noise_overlap": float(np.mean(noise)) if noise else None}
 
 
-# Fields that do not change what a run trains, so a run may resume under other values.
-# settings that change neither the trained model nor its samples (logging, chunking, the mesh)
+# Fields that change neither the trained model nor its samples (logging, chunking, the mesh), so a
+# run may resume under other values.
 _BOOKKEEPING = ("train.log_every", "train.ckpt_every", "train.keep_ckpts", "train.async_ckpt",
                 "train.eval_every", "train.profile_steps", "data.num_workers", "data.prefetch",
                 "data.read_threads", "data.read_buffer", "model.latent_code_chunk",
