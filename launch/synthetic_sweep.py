@@ -13,8 +13,8 @@ models are read back, a model in training resumes from its last checkpoint (a ru
 refuses to resume under a different training config). Runs on whatever JAX
 platform is present (CPU or GPU).
 
-    python launch/synthetic_sweep.py --rescore=docs/synthetic_sweep/results.json \
-        --outdir=docs/synthetic_sweep
+    python launch/synthetic_sweep.py --rescore=docs/synthetic_sweep_first/results.json \
+        --outdir=docs/synthetic_sweep_first
 
 re-analyses a stored results.json (this format, or the first sweep's) with the current metrics
 and statistics, without training.
