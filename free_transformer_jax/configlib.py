@@ -124,9 +124,10 @@ def _matches(field: str, patterns: Sequence[str]) -> bool:
 def resume_changes(previous: Mapping[str, Any], current: Mapping[str, Any],
                    mutable: Sequence[str] = RESUME_MUTABLE) -> list[str]:
     """``"field: old -> new"`` for every field that differs between the run's recorded config and
-    this one and is not in ``mutable`` (names, or ``section.*``). A field added to the code after the run was recorded
-    reads as its :func:`base_config` default there (new fields keep the old behaviour by default,
-    so a non-default value of one is a change); a field the code no longer has is ignored."""
+    this one and is not in ``mutable`` (names, or ``section.*``). A field added to the code after
+    the run was recorded reads as its :func:`base_config` default there (new fields keep the old
+    behaviour by default, so a non-default value of one is a change); a field the code no longer
+    has is ignored."""
     old = _flatten(previous)
     new = _flatten(json.loads(json.dumps(dict(current))))  # the same JSON types config.json holds
     default = _flatten(json.loads(json.dumps(base_config().to_dict())))

@@ -241,6 +241,16 @@ def latent_probe(p_BTH: np.ndarray, targets_BT: np.ndarray, run_start_B: np.ndar
             "start": within_position_corr(p, start)}
 
 
+def _clipped(p_BTH: np.ndarray) -> np.ndarray:
+    return np.clip(np.asarray(p_BTH, np.float64), 1e-12, 1 - 1e-12)
+
+
+def _token_kl_bits(p_BTH: np.ndarray) -> np.ndarray:
+    """KL(q(Z_t | x) || uniform) in bits per (record, position): H minus the bits' entropies."""
+    ent = -(p_BTH * np.log2(p_BTH) + (1 - p_BTH) * np.log2(1 - p_BTH))
+    return p_BTH.shape[-1] - ent.sum(-1)
+
+
 def kl_split(p_BTH: np.ndarray, code_chunk: int = 4096) -> dict[str, float]:
     """Where the KL budget goes, in bits per token averaged over positions: ``kl`` = mean over
     records of KL(q(Z_t | x) || uniform) (the trained quantity), split exactly as
@@ -249,10 +259,9 @@ def kl_split(p_BTH: np.ndarray, code_chunk: int = 4096) -> dict[str, float]:
     the record (over these records). Prior samples reproduce only the ``mi`` part: KL spent on
     ``aggregate`` is a departure from the prior that generation never sees. Exact over the 2^H
     codes (chunked), from the bit probabilities ``p_BTH``."""
-    p = np.clip(np.asarray(p_BTH, np.float64), 1e-12, 1 - 1e-12)
+    p = _clipped(p_BTH)
     b, t, h = p.shape
-    ent = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))  # binary entropy per bit, bits
-    kl = float((h - ent.sum(-1)).mean())
+    kl = float(_token_kl_bits(p).mean())
     codes = np.arange(2 ** h)
     bits = ((codes[:, None] >> np.arange(h)) & 1).astype(np.float64)  # (C, H), bit 0 first
     lp1, lp0 = np.log(p), np.log1p(-p)
@@ -276,8 +285,7 @@ def kl_budget(p_BTH: np.ndarray, kappa_bits: float) -> dict[str, float]:
     BUDGET_NEAR x kappa, ``above`` = fraction above kappa (where the hinge charges). A KL term
     that binds holds most tokens at the budget (the KL would grow past kappa without it); one that
     cannot bind (H <= kappa) leaves them wherever the data puts them."""
-    p = np.clip(np.asarray(p_BTH, np.float64), 1e-12, 1 - 1e-12)
-    kl = p.shape[-1] - (-(p * np.log2(p) + (1 - p) * np.log2(1 - p))).sum(-1)
+    kl = _token_kl_bits(_clipped(p_BTH))
     return {"at_budget": float((kl >= BUDGET_NEAR * kappa_bits).mean()),
             "above": float((kl > kappa_bits).mean())}
 
