@@ -408,8 +408,8 @@ def write_table(outdir, models, analyses, checks, provenance):
               "is the mutual information between Z_t and the record, aggregate vs prior the KL "
               "of the posterior averaged over records from the uniform prior, a departure prior "
               "samples never reproduce (synthetic_metrics.kl_split). Tokens at the KL budget: "
-              "fraction of (record, position) whose KL is at least 0.95 kappa; above kappa: "
-              "where the free-bits hinge charges (synthetic_metrics.kl_budget).", "",
+              f"fraction of (record, position) whose KL is at least {sm.BUDGET_NEAR:g} kappa; "
+              "above kappa: where the free-bits hinge charges (synthetic_metrics.kl_budget).", "",
               "| model | " + " | ".join(c for _, c in PROBE) + " |", "|---|" + "---|" * len(PROBE)]
     for name, m in models.items():
         cells = []
