@@ -389,7 +389,9 @@ def write_table(outdir, models, analyses, checks, provenance):
              "Every `a ± b` is the seed mean ± its bootstrap standard error: replicates resample "
              "the seeds, then the Z groups within each seed (a group's sequences share a prompt "
              "and, for shared Z, one Z, so they are not independent samples). Checks use 95% "
-             "percentile intervals of the same bootstrap. Target position = start of the 8-window "
+             "percentile intervals of the same bootstrap; a difference between two models is "
+             "paired (both draw the same seeds and groups: every model of a seed shares its "
+             "prompts and sampling keys, and its training seed's data order). Target position = start of the 8-window "
              "of the prompt letter and `!` holding at least 3 consecutive letters (most letters, "
              "leftmost); a sequence with no such window agrees with nothing. Each excess = shared "
              "minus independent Z, resampled together within a seed.", "",
@@ -562,16 +564,17 @@ def compare_lines(models, analyses, reference):
 
     ref_models, _ = load_stored(reference)
     ref, _ = analyse(ref_models, stream=1)
-    lines = ["", f"Against `{reference}` (this sweep minus that one; 95% interval of the difference; "
-             "0 outside it = the change moved the metric):", "",
+    lines = ["", f"Against `{reference}` (this sweep minus that one; 95% interval of the difference, "
+             "paired when both have the same seeds and prompts: the same seeds and Z groups are "
+             "drawn for both; 0 outside it = the change moved the metric):", "",
              "| model | " + " | ".join(dict(GEN_COLUMNS).get(m, m) for m in COMPARED) + " |",
              "|---|" + "---|" * len(COMPARED)]
     for name in analyses:
         if name in ref:
             cells = []
             for m in COMPARED:
-                a, b = analyses[name]["all"].get(m), ref[name]["all"].get(m)
-                cells.append("n/a" if a is None or b is None else sm.fmt_boot(a - b, interval=True))
+                d = sm.difference(analyses[name], ref[name], m)
+                cells.append("n/a" if d is None else sm.fmt_boot(d, interval=True))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -102,7 +102,8 @@ def test_group_scores_layout():
     got = sm.group_scores(groups)
     assert got["pos_agree_indep"] == [0.0, 1.0] and got["pos_agree_shared"] == [1.0, 0.0]
     assert got["validity"] == [1.0, 1.0, 1.0, 0.5] and got["target_rate"] == [1.0, 1.0, 1.0, 0.5]
-    assert got["noise_agree_shared"] == [] and got["noise_agree_indep"] == []  # no '!' anywhere
+    # no '!' anywhere: undefined, held in place so a group keeps its index across models
+    assert got["noise_agree_shared"] == [None, None] and got["noise_agree_indep"] == [None, None]
 
 
 def test_ce_by_class():
@@ -237,6 +238,71 @@ def test_bootstrap_over_seeds_and_differences():
         sm.bootstrap([{"s": sh, "i": ind}])
 
 
+def test_undefined_units_keep_their_slot_and_slots_change_nothing_without_them():
+    rng = np.random.default_rng(5)
+    a = list(rng.normal(0.3, 0.1, 12))
+    # without undefined units, slots=True draws exactly what slots=False draws
+    assert np.array_equal(sm.bootstrap([{"x": a}], seed=1).reps,
+                          sm.bootstrap([{"x": a}], seed=1, slots=True).reps)
+    with_none = a[:5] + [None] + a[5:]
+    dropped = sm.bootstrap([{"x": with_none}], seed=1)
+    kept = sm.bootstrap([{"x": with_none}], seed=1, slots=True)
+    assert dropped.point == kept.point == pytest.approx(np.mean(a))
+    assert np.array_equal(dropped.reps, sm.bootstrap([{"x": a}], seed=1).reps)  # None dropped
+    assert kept.n_groups == 12 and np.all(np.isfinite(kept.reps))
+    assert kept.se == pytest.approx(dropped.se, rel=0.15)
+    with pytest.raises(ValueError, match="no values"):
+        sm.bootstrap([{"x": [None, None]}], slots=True)
+
+
+def _sweep_like_groups(rng, p_agree, prompts=12):
+    """groups_by_seed as the sweep writes them: per seed, per prompt one independent group and
+    three shared ones of 8 sequences; a shared group's sequences share a target start with
+    probability p_agree[seed][prompt] (the seed/prompt effect two models of a seed share)."""
+    out = {}
+    for s, p_row in enumerate(p_agree):
+        groups = {}
+        for p in range(prompts):
+            for g in range(4):
+                shared = g > 0 and rng.random() < p_row[p]
+                start = int(rng.integers(0, 57))
+                groups[f"{p}/{g}"] = [seq("K", start if shared else int(rng.integers(0, 57)))
+                                      for _ in range(8)]
+        out[s] = groups
+    return out
+
+
+def test_differences_of_models_with_one_layout_are_paired():
+    rng = np.random.default_rng(6)
+    groups = _sweep_like_groups(rng, rng.uniform(0.0, 0.6, (3, 12)))
+    a = sm.analyse_model(groups, {0: {}, 1: {}, 2: {}}, seed=1)
+    b = sm.analyse_model(groups, {0: {}, 1: {}, 2: {}}, seed=2)
+    # the same data analysed twice: the single-model streams differ, the paired difference is 0
+    assert a["all"]["pos_agree_shared"].reps.tolist() != b["all"]["pos_agree_shared"].reps.tolist()
+    d = sm.difference(a, b, "pos_agree_shared")
+    assert d.point == 0 and d.interval() == (0.0, 0.0)
+    unpaired = a["all"]["pos_agree_shared"] - b["all"]["pos_agree_shared"]
+    assert unpaired.interval()[1] - unpaired.interval()[0] > 0.05
+    # a model that differs from another in a few groups only (as the 1/64-bit model from the
+    # baseline): the paired interval is far tighter than the unpaired one and still covers the
+    # true difference; a different layout (other seeds) falls back to independent resampling
+    changed = {s: dict(g) for s, g in groups.items()}
+    for s in changed:
+        for p in range(3):
+            changed[s][f"{p}/1"] = [seq("K", 20)] * 8  # these groups now agree fully
+    c = sm.analyse_model(changed, {0: {}, 1: {}, 2: {}}, seed=3)
+    paired = sm.difference(c, a, "pos_agree_shared")
+    true = c["all"]["pos_agree_shared"].point - a["all"]["pos_agree_shared"].point
+    assert paired.point == pytest.approx(true) and true > 0
+    lo, hi = paired.interval()
+    assert lo <= true <= hi and lo > 0
+    indep = c["all"]["pos_agree_shared"] - a["all"]["pos_agree_shared"]
+    assert paired.se < 0.5 * indep.se
+    other = sm.analyse_model({s + 10: g for s, g in groups.items()}, {}, seed=4)
+    assert sm.difference(c, other, "pos_agree_shared").se == pytest.approx(
+        (c["all"]["pos_agree_shared"] - other["all"]["pos_agree_shared"]).se)
+
+
 def _model(rng, **metrics):
     """An analyse_model-like result from (point, se) pairs; ``per_seed`` copies noise_excess."""
     boot = lambda v: sm.Boot(v[0], rng.normal(v[0], v[1], 4000), 3, 18)  # noqa: E731
@@ -254,7 +320,7 @@ def test_paper_ordering_checks_use_intervals():
                           "kl_bits": (0.12, 0.001)},
                   1.0: {**base, "pos_excess": (0.8, 0.03), "pos_agree_shared": (0.9, 0.03),
                         "noise_excess": (0.4, 0.03), "validity": (0.95, 0.02), "kl_bits": (0.95, 0.02)},
-                  8.0: {**base, "validity": (0.1, 0.05), "kl_bits": (7.9, 0.05),
+                  8.0: {**base, "validity": (0.1, 0.05), "kl_bits": (7.8, 0.05),
                         "kl_at_budget": (0.9, 0.02)}}
     bits = {1 / 64: 8, 1 / 8: 8, 1.0: 8, 8.0: 16}
 
@@ -278,6 +344,12 @@ def test_paper_ordering_checks_use_intervals():
             "validity drops at 8 bits",
             "8 bits: collapse (validity far below the baseline's) with the KL term binding"],
         (1 / 8, "kl_bits", (0.13, 0.01)): ["final KL at or below kappa = 0.125 bit"],
+        # no slack: 2% above kappa, tightly measured, fails
+        (1.0, "kl_bits", (1.02, 0.002)): ["final KL at or below kappa = 1 bit"],
+        # the difference's interval contains 0 (it is wide), but the value lies outside the
+        # baseline's own interval: not "like the baseline"
+        (1 / 64, "pos_agree_shared", (0.08, 0.03)): [
+            "1/64 bit: shared-Z position agreement like the baseline's"],
         # H = 16 lets the term bind, but most tokens sit below the budget: it does not
         (8.0, "kl_at_budget", (0.45, 0.03)): [
             "8 bits: collapse (validity far below the baseline's) with the KL term binding"],
