@@ -402,6 +402,10 @@ GOAL_NOISE_1BIT = 0.2  # shared-Z `!` overlap excess at 1 bit, in every seed (lo
 # "the KL term binds" at 8 bits: H > kappa, and at least this fraction of the validation tokens
 # sit at the budget (kl_budget), so the hinge, not the data, is what stops the KL (lower end)
 BINDING_AT_BUDGET = 0.5
+# "KL at or below kappa": the interval's upper end <= KL_AT * kappa. A binding hinge holds the
+# mean KL at kappa, where its gradient vanishes, so a trained model sits at kappa give or take
+# a hair (the first sweep's 1/8-bit models: +0.16%); 1% counts that as "at", nothing more.
+KL_AT = 1.01
 
 
 LIKE_RULE = "must contain 0, and the value must lie in the reference's interval"
@@ -481,7 +485,7 @@ def paper_ordering(models: Mapping[float | None, Mapping], latent_bits: Mapping[
             hi = kl.interval()[1]
             add("ordering", f"final KL at or below kappa = {k:g} bit",
                 f"KL {kl.point:.4f} bits/token, 95% upper end {hi:.4f} "
-                f"(<= kappa; {kl.n_seeds} seed(s))", hi <= k)
+                f"(<= {KL_AT:g} x kappa; {kl.n_seeds} seed(s))", hi <= KL_AT * k)
 
     s64, sb = get(1 / 64, "pos_agree_shared"), get(None, "pos_agree_shared")
     if s64 is not None and sb is not None:

@@ -344,7 +344,7 @@ def test_paper_ordering_checks_use_intervals():
             "validity drops at 8 bits",
             "8 bits: collapse (validity far below the baseline's) with the KL term binding"],
         (1 / 8, "kl_bits", (0.13, 0.01)): ["final KL at or below kappa = 0.125 bit"],
-        # no slack: 2% above kappa, tightly measured, fails
+        # 2% above kappa, tightly measured, fails (1% counts as "at kappa")
         (1.0, "kl_bits", (1.02, 0.002)): ["final KL at or below kappa = 1 bit"],
         # the difference's interval contains 0 (it is wide), but the value lies outside the
         # baseline's own interval: not "like the baseline"
