@@ -65,6 +65,11 @@ def main(argv):
                                            mesh_overrides=mesh_overrides(_MESH))
     mesh = params_mesh(params)
     print(f"step {step}, mesh {dict(mesh.shape)}")
+    if not _SKIP_DATA.value:  # the check training made: an explicit kernel must take these rows
+        from free_transformer_jax.model.config import resolve_attention_impl
+        print(resolve_attention_impl(cfg, mesh.devices.flat[0].platform,
+                                     seq_len=config.data.seq_len,
+                                     packed=config.data.packing != "none")[1])
     key = jax.random.key(_SEED.value)
     results = {"step": step, "workdir": _WORKDIR.value, "mesh": dict(mesh.shape),
                "model": "free_transformer" if cfg.latent else "baseline"}

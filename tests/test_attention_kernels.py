@@ -227,12 +227,24 @@ def test_auto_on_cpu_with_a_chunk_is_chunked_and_auto_falls_back_on_odd_lengths(
     # Splash needs 128-multiples: auto takes the chunked path and says so
     resolved, line = resolve_attention_impl(cfg, "tpu", seq_len=65, packed=True)
     assert resolved.attention_impl == "chunked" and "seq_len 65" in line
+    assert "not splash: it needs a sequence length that is a multiple of 128, not 65" in line
+    # on a GPU, float32 packed rows: why not cuDNN, then the Pallas kernel
+    resolved, line = resolve_attention_impl(cfg, "gpu", seq_len=256, packed=True)
+    assert resolved.attention_impl == "pallas_gpu"
+    assert "not cudnn: it needs bfloat16 or float16, not float32" in line and "not pallas" not in line
+    bf16 = cfg.replace(dtype="bfloat16")
+    for packed, why in ((True, "cannot express packed rows"), (None, "known to be unpacked")):
+        resolved, line = resolve_attention_impl(bf16, "gpu", seq_len=256, packed=packed)
+        assert resolved.attention_impl == "pallas_gpu" and why in line
+    resolved, line = resolve_attention_impl(bf16, "gpu", seq_len=256, packed=False)
+    assert resolved.attention_impl == "cudnn" and "not " not in line.split(";")[0]
 
 
 @pytest.mark.parametrize("kw,platform,seq_len,packed,match", [
     (dict(attention_impl="splash"), "cpu", 256, True, "runs on TPU only.*attention_interpret"),
     (dict(attention_impl="splash"), "tpu", 200, True, "multiple of 128"),
     (dict(attention_impl="splash", attention_block_q=512), "tpu", 640, True, "multiple of its blocks"),
+    (dict(attention_impl="splash", attention_block_q=64), "tpu", 256, True, "blocks that are multiples of 128"),
     (dict(attention_impl="cudnn", dtype="bfloat16"), "gpu", 256, True, "cannot express packed rows"),
     (dict(attention_impl="cudnn", dtype="bfloat16"), "tpu", 256, False, "runs on GPU only"),
     (dict(attention_impl="pallas_gpu"), "tpu", 256, True, "runs on GPU only"),
@@ -246,7 +258,7 @@ def test_a_kernel_that_cannot_run_the_case_is_a_config_error(kw, platform, seq_l
     (dict(attention_impl="flash"), "attention_impl='flash': must be one of"),
     (dict(attention_impl="chunked"), "needs model.attention_chunk > 0"),
     (dict(attention_impl="cudnn"), "needs model.dtype bfloat16 or float16"),
-    (dict(attention_block_q=100), "attention_block_q=100: must be 0"),
+    (dict(attention_block_q=-1), "attention_block_q=-1: must be 0"),
 ])
 def test_invalid_attention_fields_fail_with_the_field_name(kw, match):
     with pytest.raises(ConfigError, match=match):

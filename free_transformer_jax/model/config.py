@@ -149,8 +149,9 @@ class ModelConfig:
             fail("attention_impl", "'chunked' needs model.attention_chunk > 0 (queries per chunk)")
         for field in ("attention_block_q", "attention_block_kv"):
             size = getattr(self, field)
-            if size < 0 or size % 128:
-                fail(field, "must be 0 (the kernel's default) or a positive multiple of 128")
+            if size < 0:
+                fail(field, "must be 0 (the kernel's default) or a positive block size (Splash: "
+                     "a multiple of 128; the Pallas GPU kernel: a power of two)")
         if self.attention_impl == "cudnn":
             if self.dtype not in ("bfloat16", "float16"):
                 fail("attention_impl", f"'cudnn' needs model.dtype bfloat16 or float16, not "
@@ -261,6 +262,9 @@ def attention_impl_problem(cfg: ModelConfig, impl: str, platform: str, seq_len: 
     bq, bkv = kernel_blocks(cfg, impl, seq_len)
     if impl == "splash" and seq_len % 128:
         return f"needs a sequence length that is a multiple of 128, not {seq_len}"
+    if impl == "splash" and (bq % 128 or bkv % 128):
+        return (f"needs blocks that are multiples of 128 (model.attention_block_q={bq}, "
+                f"attention_block_kv={bkv})")
     if seq_len % bq or seq_len % bkv:
         return (f"needs the sequence length {seq_len} to be a multiple of its blocks "
                 f"(model.attention_block_q={bq}, attention_block_kv={bkv})")
@@ -284,17 +288,28 @@ def resolve_attention_impl(cfg: ModelConfig, platform: str, *, seq_len: int,
     why = ""
     if impl == "auto":
         fallback = "chunked" if cfg.attention_chunk else "blocked"
+        problems: dict[str, str | None] = {}
         if platform == "tpu":
-            candidates = ["splash"]
+            problems["splash"] = attention_impl_problem(cfg, "splash", platform, seq_len, packed)
         elif platform == "gpu":
-            cudnn_ok = cfg.dtype in ("bfloat16", "float16") and packed is False and \
-                cfg.resolved_head_dim % 8 == 0 and cfg.resolved_head_dim <= 256
-            candidates = (["cudnn"] if cudnn_ok else []) + ["pallas_gpu"]
-        else:
-            candidates = []
-        impl = next((c for c in candidates
-                     if attention_impl_problem(cfg, c, platform, seq_len, packed) is None), fallback)
-        why = f" (auto on {platform}{', packed rows' if packed else ''}, seq_len {seq_len})"
+            if cfg.dtype not in ("bfloat16", "float16"):
+                problems["cudnn"] = f"needs bfloat16 or float16, not {cfg.dtype}"
+            elif packed is not False:
+                problems["cudnn"] = ("cannot express packed rows" if packed else
+                                     "needs rows known to be unpacked (data.packing=none)")
+            elif cfg.resolved_head_dim % 8 or cfg.resolved_head_dim > 256:
+                problems["cudnn"] = "needs a head_dim that is a multiple of 8 and <= 256"
+            else:
+                problems["cudnn"] = attention_impl_problem(cfg, "cudnn", platform, seq_len, packed)
+            problems["pallas_gpu"] = attention_impl_problem(cfg, "pallas_gpu", platform, seq_len,
+                                                            packed)
+        impl, refused = fallback, ""
+        for candidate, problem in problems.items():  # in order of preference
+            if problem is None:
+                impl = candidate
+                break
+            refused += f"; not {candidate}: it {problem}"
+        why = f" (auto on {platform}{', packed rows' if packed else ''}, seq_len {seq_len}{refused})"
     else:
         problem = attention_impl_problem(cfg, impl, platform, seq_len, packed)
         if problem:

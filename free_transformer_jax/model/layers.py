@@ -71,19 +71,26 @@ def dot_product_attention(q_BTKGD: Array, k_BSKD: Array, v_BSKD: Array, q_seg_BT
 def chunked_attention(q_BTKGD: Array, k_BSKD: Array, v_BSKD: Array, q_seg_BT: Array, q_idx_T: Array,
                       kv_seg_BS: Array, causal: bool, dtype, chunk: int) -> Array:
     """The same attention computed ``chunk`` queries at a time, each chunk rematerialised in the
-    backward pass: the T x S score matrix never exists whole (peak chunk x S per head)."""
+    backward pass: the T x S score matrix never exists whole (peak chunk x S per head). When
+    ``chunk`` does not divide T, the last T mod chunk queries are one more, shorter chunk."""
     b, t = q_BTKGD.shape[:2]
-    n = t // chunk
-    split = lambda a, axis: jnp.moveaxis(a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1:]),
-                                         axis, 0)
+    n, full = t // chunk, (t // chunk) * chunk
 
     @jax.checkpoint
     def one(xs):
         q, q_seg, q_idx = xs
         return dot_product_attention(q, k_BSKD, v_BSKD, q_seg, q_idx, kv_seg_BS, causal, dtype)
 
-    out = jax.lax.map(one, (split(q_BTKGD, 1), split(q_seg_BT, 1), split(q_idx_T, 0)))
-    return jnp.moveaxis(out, 0, 1).reshape(q_BTKGD.shape[:2] + out.shape[3:])
+    parts = []
+    if n:
+        split = lambda a, axis: jnp.moveaxis(  # noqa: E731
+            a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1:]), axis, 0)
+        out = jax.lax.map(one, (split(q_BTKGD[:, :full], 1), split(q_seg_BT[:, :full], 1),
+                                split(q_idx_T[:full], 0)))
+        parts.append(jnp.moveaxis(out, 0, 1).reshape((b, full) + out.shape[3:]))
+    if full < t:
+        parts.append(one((q_BTKGD[:, full:], q_seg_BT[:, full:], q_idx_T[full:])))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
 
 class RMSNorm(nn.Module):
@@ -176,7 +183,7 @@ class Attention(nn.Module):
         elif ctx.impl == "blocked" and cache is None:
             out = blocked_attention(q, k, v, ctx.segment_ids, self.causal,
                                     attention_block(t, cfg.attention_block_q))
-        elif ctx.impl == "chunked" and t > chunk and t % chunk == 0:
+        elif ctx.impl == "chunked" and t > chunk:  # t <= chunk: one chunk, the plain formula
             out = chunked_attention(q, k, v, ctx.segment_ids, q_idx, ctx.kv_segment_ids, self.causal,
                                     dt, chunk)
         else:
