@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU check on a machine with one NVIDIA GPU (H100/H200 class), under 8 minutes in all:
 #   1. JAX with a GPU backend: the machine's own if it has one, else requirements-gpu.txt
-#      (from PyPI, or from wheels in .whl/ with no network); project packages the machine lacks
-#      (ml_collections) from .whl/ or PyPI;
+#      (from PyPI, or from wheels someone put in .whl/; --fetch-wheels fetches only the pure-Python
+#      ones, the CUDA wheels are gigabytes); project packages the machine lacks (ml_collections)
+#      from .whl/ or PyPI;
 #   2. the attention kernel numerics tests on the GPU (Pallas GPU kernel and cuDNN against the
 #      xla reference, forward and gradients; Splash tests skip);
 #   3. bench/step_time.py at a 1.5B-like shape (configs/1p5b.py at 8 x 2048 tokens, one GPU):
@@ -51,7 +52,9 @@ if [[ "$MODE" == "--dry-run" ]]; then
   RUN2=(--variants=free --attention_impl=chunked,blocked)
 else
   export JAX_PLATFORMS=cuda
-  export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # 2 workers
+  # the harness keeps one worker per case alive (RUN2: 3 at once); the 1.5B Free Transformer at
+  # 8 x 2048 tokens needs about 34 GB (args 18.6 + temporaries ~15, scaled from the v5p AOT table)
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
   if ! "$PY" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then
     if [[ -d .whl ]]; then
       "$PY" -m pip install -q --no-index --find-links .whl --target /tmp/site -r requirements-gpu.txt
