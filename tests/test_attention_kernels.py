@@ -93,13 +93,15 @@ def via_kernel(impl, cfg):
 CASES = [(True, True, 1, 2), (False, True, 2, 2)]
 
 
-def test_splash_mha_kernel_matches_xla():
-    """Two kv heads (the MHA kernel reading query heads in groups), non-causal, packed rows; the
-    one-kv-head (MQA kernel) causal and non-causal cases run in the whole-model test below."""
+@pytest.mark.parametrize("causal,packed", [(False, True), (True, False)])
+def test_splash_mha_kernel_matches_xla(causal, packed):
+    """Two kv heads (the MHA kernel reading query heads in groups): non-causal with packed rows,
+    and causal with unpacked rows (one document, then padding); the one-kv-head (MQA kernel)
+    causal and non-causal cases with packed rows run in the whole-model test below."""
     if ON_GPU:
         pytest.skip("Splash is a TPU kernel")
     cfg = kernel_cfg(n_heads=4, n_kv_heads=2, attention_impl="splash")
-    assert_matches_reference(via_kernel("splash", cfg), False, True, 2, 2)
+    assert_matches_reference(via_kernel("splash", cfg), causal, packed, 2, 2)
 
 
 @pytest.mark.parametrize("causal,packed,kv_heads,group", CASES)
