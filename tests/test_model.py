@@ -169,24 +169,31 @@ def test_unknown_config_field_is_an_error():
         ModelConfig.from_dict({"kapa_bits": 1.0})
 
 
+_PACKED_SEG = np.repeat([[1] * 5 + [2] * 7], B, axis=0)
+_PACKED_POS = np.repeat([list(range(5)) + list(range(7))], B, axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _packed_loss_and_grad(cfg, params, tokens):
+    def loss(p):
+        logits, aux = FreeTransformer(cfg).apply(
+            {"params": p}, tokens, segment_ids=jnp.asarray(_PACKED_SEG, jnp.int32),
+            positions=jnp.asarray(_PACKED_POS, jnp.int32), rngs={"latent": jax.random.key(0)})
+        return jnp.mean(logits ** 2) + jnp.mean(aux["kl"]), (logits, aux["bit_logits"])
+
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+
 @pytest.mark.parametrize("chunk", [4, 5])
 def test_chunked_attention_equals_dense(setup, chunk):
     """Query-chunked attention (causal decoder, non-causal encoder, packed segments) gives the
     same logits, bit logits and gradients as the dense form (``xla``), also when the chunk does
     not divide the length (T = 12, chunk 5: chunks of 5, 5 and 2)."""
     cfg, params, tokens = setup
-    cfg = cfg.replace(attention_impl="xla")
-    seg = jnp.asarray(np.repeat([[1] * 5 + [2] * 7], B, axis=0), jnp.int32)
-    pos = jnp.asarray(np.repeat([list(range(5)) + list(range(7))], B, axis=0), jnp.int32)
-
-    def loss(c, p):
-        logits, aux = FreeTransformer(c).apply({"params": p}, tokens, segment_ids=seg, positions=pos,
-                                               rngs={"latent": jax.random.key(0)})
-        return jnp.mean(logits ** 2) + jnp.mean(aux["kl"]), (logits, aux["bit_logits"])
-
-    (l0, (lg0, bl0)), g0 = jax.jit(jax.value_and_grad(lambda p: loss(cfg, p), has_aux=True))(params)
+    assert T == 12
+    (l0, (lg0, bl0)), g0 = _packed_loss_and_grad(cfg.replace(attention_impl="xla"), params, tokens)
     chunked = cfg.replace(attention_impl="chunked", attention_chunk=chunk)
-    (l1, (lg1, bl1)), g1 = jax.jit(jax.value_and_grad(lambda p: loss(chunked, p), has_aux=True))(params)
+    (l1, (lg1, bl1)), g1 = _packed_loss_and_grad(chunked, params, tokens)
     np.testing.assert_allclose(lg1, lg0, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(bl1, bl0, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
