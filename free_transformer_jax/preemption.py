@@ -65,8 +65,12 @@ class PreemptionWatcher:
         if self.received is not None:
             logging.warning("preemption: second %s; stopping without waiting for the checkpoint",
                             name)
+            previous = self._previous.get(signum)
             self.uninstall()
-            os.kill(os.getpid(), signum)
+            if callable(previous):  # e.g. Python's SIGINT handler: KeyboardInterrupt, here and now
+                previous(signum, frame)
+            elif previous != signal.SIG_IGN:  # the default action (SIGINT, SIGTERM: terminate)
+                os.kill(os.getpid(), signum)
             return
         self.received = name
         logging.warning("preemption: received %s; finishing this step, then saving a checkpoint",
