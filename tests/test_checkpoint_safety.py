@@ -141,6 +141,16 @@ def test_sigterm_saves_the_current_step_exits_0_and_resume_is_bit_identical(tmp_
 
 
 def test_sigint_is_a_preemption_notice_and_a_second_one_interrupts():
+    # Python's own SIGINT handler underneath, whatever earlier tests in this worker left there
+    # (under xdist, something before this file leaves a handler that does not raise)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _sigint_twice()
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _sigint_twice():
     before = signal.getsignal(signal.SIGINT)
     with PreemptionWatcher() as watcher:
         assert not watcher.reached(1)
