@@ -370,14 +370,15 @@ def analyse_model(groups_by_seed: Mapping[int, Mapping[str, Sequence[str]]],
     if scores:
         key = _pair_key([(s, sorted(g)) for s, g in sorted(groups_by_seed.items())])
         result["paired"] = {m: (key, b) for m, b in gen(list(scores.values()), 0, key).items()}
+    seeds = sorted(evals_by_seed)
+    eval_key = _pair_key(("eval", seeds))
     for i, m in enumerate(EVAL_METRICS):
-        seeds = sorted(evals_by_seed)
         vals = [evals_by_seed[s].get(m) for s in seeds]
         if vals and all(v is not None for v in vals):
             units = [{m: [v]} for v in vals]
             result["all"][m] = bootstrap(units, seed=(seed, 1000, i))
-            key = _pair_key(("eval", seeds))
-            result["paired"][m] = (key, bootstrap(units, seed=(PAIRED_STREAM, key, 1000 + i)))
+            result["paired"][m] = (eval_key,
+                                   bootstrap(units, seed=(PAIRED_STREAM, eval_key, 1000 + i)))
     return result
 
 
