@@ -233,13 +233,17 @@ def test_auto_on_cpu_with_a_chunk_is_chunked_and_auto_falls_back_on_odd_lengths(
     # on a GPU, float32 packed rows: why not cuDNN, then the Pallas kernel
     resolved, line = resolve_attention_impl(cfg, "gpu", seq_len=256, packed=True)
     assert resolved.attention_impl == "pallas_gpu"
-    assert "not cudnn: it needs bfloat16 or float16, not float32" in line and "not pallas" not in line
+    assert "not cudnn: it needs model.dtype bfloat16 or float16, not float32" in line and "not pallas" not in line
     bf16 = cfg.replace(dtype="bfloat16")
     for packed, why in ((True, "cannot express packed rows"), (None, "known to be unpacked")):
         resolved, line = resolve_attention_impl(bf16, "gpu", seq_len=256, packed=packed)
         assert resolved.attention_impl == "pallas_gpu" and why in line
     resolved, line = resolve_attention_impl(bf16, "gpu", seq_len=256, packed=False)
     assert resolved.attention_impl == "cudnn" and "not " not in line.split(";")[0]
+    resolved, line = resolve_attention_impl(bf16.replace(head_dim=12), "gpu", seq_len=256,
+                                            packed=False)
+    assert resolved.attention_impl == "pallas_gpu"
+    assert "not cudnn: it needs a head_dim that is a multiple of 8 and <= 256, not 12" in line
 
 
 @pytest.mark.parametrize("kw,platform,seq_len,packed,match", [
@@ -260,6 +264,7 @@ def test_a_kernel_that_cannot_run_the_case_is_a_config_error(kw, platform, seq_l
     (dict(attention_impl="flash"), "attention_impl='flash': must be one of"),
     (dict(attention_impl="chunked"), "needs model.attention_chunk > 0"),
     (dict(attention_impl="cudnn"), "needs model.dtype bfloat16 or float16"),
+    (dict(attention_impl="cudnn", dtype="bfloat16", head_dim=12), "multiple of 8 and <= 256, not 12"),
     (dict(attention_block_q=-1), "attention_block_q=-1: must be 0"),
 ])
 def test_invalid_attention_fields_fail_with_the_field_name(kw, match):

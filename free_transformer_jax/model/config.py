@@ -152,13 +152,8 @@ class ModelConfig:
             if size < 0:
                 fail(field, "must be 0 (the kernel's default) or a positive block size (Splash: "
                      "a multiple of 128; the Pallas GPU kernel: a power of two)")
-        if self.attention_impl == "cudnn":
-            if self.dtype not in ("bfloat16", "float16"):
-                fail("attention_impl", f"'cudnn' needs model.dtype bfloat16 or float16, not "
-                     f"{self.dtype} (cuDNN flash attention); use 'pallas_gpu' or 'xla'")
-            if self.resolved_head_dim % 8 or self.resolved_head_dim > 256:
-                fail("attention_impl", f"'cudnn' needs a head_dim that is a multiple of 8 and "
-                     f"<= 256, not {self.resolved_head_dim}")
+        if self.attention_impl == "cudnn" and (problem := cudnn_config_problem(self)):
+            fail("attention_impl", f"'cudnn' {problem}; use 'pallas_gpu' or 'xla'")
         if self.latent_token_chunk < -1:
             fail("latent_token_chunk", "must be -1 (the measured rule), 0 (no chunking) or a "
                  "positive number of positions")
@@ -244,6 +239,16 @@ def cached_attention_impl(cfg: ModelConfig) -> str:
     return "chunked" if cfg.attention_chunk and cfg.attention_impl != "xla" else "xla"
 
 
+def cudnn_config_problem(cfg: ModelConfig) -> str | None:
+    """What in the model config alone keeps cuDNN flash attention out (None: nothing); the one
+    place these limits live (config validation and attention_impl_problem both ask here)."""
+    if cfg.dtype not in ("bfloat16", "float16"):
+        return f"needs model.dtype bfloat16 or float16, not {cfg.dtype} (cuDNN flash attention)"
+    if cfg.resolved_head_dim % 8 or cfg.resolved_head_dim > 256:
+        return f"needs a head_dim that is a multiple of 8 and <= 256, not {cfg.resolved_head_dim}"
+    return None
+
+
 def attention_impl_problem(cfg: ModelConfig, impl: str, platform: str, seq_len: int,
                            packed: bool | None) -> str | None:
     """Why kernel ``impl`` cannot run this case (None when it can); ``packed=None``: unknown."""
@@ -255,6 +260,8 @@ def attention_impl_problem(cfg: ModelConfig, impl: str, platform: str, seq_len: 
         hint = "; model.attention_interpret=True runs it on a CPU, slowly" if impl != "cudnn" else ""
         return f"runs on {home.upper()} only, not {platform}{hint}"
     if impl == "cudnn":
+        if problem := cudnn_config_problem(cfg):
+            return problem
         if packed:
             return ("cannot express packed rows (segment ids; data.packing != 'none'): use "
                     "'pallas_gpu' or set data.packing=none")
@@ -292,15 +299,12 @@ def resolve_attention_impl(cfg: ModelConfig, platform: str, *, seq_len: int,
         if platform == "tpu":
             problems["splash"] = attention_impl_problem(cfg, "splash", platform, seq_len, packed)
         elif platform == "gpu":
-            if cfg.dtype not in ("bfloat16", "float16"):
-                problems["cudnn"] = f"needs bfloat16 or float16, not {cfg.dtype}"
-            elif packed is not False:
-                problems["cudnn"] = ("cannot express packed rows" if packed else
+            # auto takes cuDNN only for rows known to be unpacked; an explicit choice trusts
+            # unknown packing
+            problems["cudnn"] = (cudnn_config_problem(cfg)
+                                 or (None if packed is not None else
                                      "needs rows known to be unpacked (data.packing=none)")
-            elif cfg.resolved_head_dim % 8 or cfg.resolved_head_dim > 256:
-                problems["cudnn"] = "needs a head_dim that is a multiple of 8 and <= 256"
-            else:
-                problems["cudnn"] = attention_impl_problem(cfg, "cudnn", platform, seq_len, packed)
+                                 or attention_impl_problem(cfg, "cudnn", platform, seq_len, packed))
             problems["pallas_gpu"] = attention_impl_problem(cfg, "pallas_gpu", platform, seq_len,
                                                             packed)
         impl, refused = fallback, ""
