@@ -549,7 +549,8 @@ def draw_figure(path, models, analyses, prompt="0"):
     ax.set_title("seed means with 95% bootstrap intervals (seeds, then Z groups within a seed)",
                  fontsize=8, loc="left")
     ax.legend(fontsize=7, ncol=4, loc="upper left")
-    fig.subplots_adjust(left=0.05, right=0.9, top=0.97, bottom=0.05)
+    height = fig.get_figheight()  # margins in inches, so a one-model figure keeps its titles
+    fig.subplots_adjust(left=0.05, right=0.9, top=1 - 0.4 / height, bottom=0.3 / height)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
