@@ -241,7 +241,8 @@ def cached_attention_impl(cfg: ModelConfig) -> str:
 
 def cudnn_config_problem(cfg: ModelConfig) -> str | None:
     """What in the model config alone keeps cuDNN flash attention out (None: nothing); the one
-    place these limits live (config validation and attention_impl_problem both ask here)."""
+    place these limits live (config validation and attention_impl_problem, which auto uses, ask
+    here)."""
     if cfg.dtype not in ("bfloat16", "float16"):
         return f"needs model.dtype bfloat16 or float16, not {cfg.dtype} (cuDNN flash attention)"
     if cfg.resolved_head_dim % 8 or cfg.resolved_head_dim > 256:
@@ -301,10 +302,9 @@ def resolve_attention_impl(cfg: ModelConfig, platform: str, *, seq_len: int,
         elif platform == "gpu":
             # auto takes cuDNN only for rows known to be unpacked; an explicit choice trusts
             # unknown packing
-            problems["cudnn"] = (cudnn_config_problem(cfg)
+            problems["cudnn"] = (attention_impl_problem(cfg, "cudnn", platform, seq_len, packed)
                                  or (None if packed is not None else
-                                     "needs rows known to be unpacked (data.packing=none)")
-                                 or attention_impl_problem(cfg, "cudnn", platform, seq_len, packed))
+                                     "needs rows known to be unpacked (data.packing=none)"))
             problems["pallas_gpu"] = attention_impl_problem(cfg, "pallas_gpu", platform, seq_len,
                                                             packed)
         impl, refused = fallback, ""
