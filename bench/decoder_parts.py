@@ -3,7 +3,7 @@ tokens, d_model 512, SwiGLU 1408, 8 query / 2 kv heads of 64), written three way
 autodiff of the plain formula (what the model used before model/fused.py), the project's
 written-out backward (model/fused.py), and PyTorch when it is installed.
 
-    python bench/decoder_parts.py [--repeats=7]
+    python bench/decoder_parts.py [--repeats=7] [--attention_blocks=64,512]
 
 Prints the median milliseconds of each, and each one's time relative to the autodiff form. The
 numbers locate where a train step's time goes; bench/step_time.py measures whole steps.
@@ -16,6 +16,9 @@ import time
 from absl import app, flags
 
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per case (median reported).")
+_BLOCKS = flags.DEFINE_list("attention_blocks", ["64"],
+                            "Queries per block of the blocked attention cases, one case per value "
+                            "(64: what config.attention_block picks at T = 512).")
 B, T, D, F, KV, G, HD = 8, 512, 512, 1408, 2, 4, 64
 
 
@@ -29,7 +32,7 @@ def _median_ms(fn, repeats: int) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
-def jax_cases(repeats: int) -> dict[str, float]:
+def jax_cases(repeats: int, blocks: list[int]) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
@@ -57,8 +60,9 @@ def jax_cases(repeats: int) -> dict[str, float]:
         dense = lambda q, k, v, c=causal: dot_product_attention(q, k, v, seg, jnp.arange(T), seg,
                                                                 c, jnp.float32)
         time_grad(f"attention {kind}: autodiff (xla)", dense, (q, k, v))
-        blocked = lambda q, k, v, c=causal: blocked_attention(q, k, v, seg, c, 64)
-        time_grad(f"attention {kind}: blocked", blocked, (q, k, v))
+        for block in blocks:
+            blocked = lambda q, k, v, c=causal, n=block: blocked_attention(q, k, v, seg, c, n)
+            time_grad(f"attention {kind}: blocked, {block} queries", blocked, (q, k, v))
     return out
 
 
@@ -84,7 +88,15 @@ def torch_cases(repeats: int) -> dict[str, float]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    times = {**jax_cases(_REPEATS.value), **torch_cases(_REPEATS.value)}
+    try:
+        blocks = [int(b) for b in _BLOCKS.value]
+    except ValueError:
+        raise app.UsageError(f"--attention_blocks={','.join(_BLOCKS.value)}: give whole numbers "
+                             "of queries, e.g. --attention_blocks=64,512") from None
+    if any(not 0 < b <= T for b in blocks):
+        raise app.UsageError(f"--attention_blocks={','.join(_BLOCKS.value)}: each must be in "
+                             f"1 .. {T} (the bench's sequence length)")
+    times = {**jax_cases(_REPEATS.value, blocks), **torch_cases(_REPEATS.value)}
     print(f"forward + backward, {B} x {T} tokens, median of {_REPEATS.value}:")
     for name, ms in times.items():
         part = name.split(":")[0]
