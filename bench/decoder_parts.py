@@ -3,7 +3,7 @@ tokens, d_model 512, SwiGLU 1408, 8 query / 2 kv heads of 64), written three way
 autodiff of the plain formula (what the model used before model/fused.py), the project's
 written-out backward (model/fused.py), and PyTorch when it is installed.
 
-    python bench/decoder_parts.py [--repeats=7] [--attention_blocks=64,512]
+    python bench/decoder_parts.py [--repeats=7] [--attention_blocks=64,512] [--matmuls]
 
 Prints the median milliseconds of each, and each one's time relative to the autodiff form. The
 numbers locate where a train step's time goes; bench/step_time.py measures whole steps.
@@ -19,6 +19,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per case (median repo
 _BLOCKS = flags.DEFINE_list("attention_blocks", ["64"],
                             "Queries per block of the blocked attention cases, one case per value "
                             "(64: what config.attention_block picks at T = 512).")
+_MATMULS = flags.DEFINE_bool("matmuls", False,
+                             "Also time the SwiGLU's matmul shapes alone (tokens x features times "
+                             "a weight, and the weight gradients' contraction over the tokens), in "
+                             "JAX and in PyTorch.")
 B, T, D, F, KV, G, HD = 8, 512, 512, 1408, 2, 4, 64
 
 
@@ -85,6 +89,38 @@ def torch_cases(repeats: int) -> dict[str, float]:
     return out
 
 
+def matmul_cases(repeats: int) -> dict[str, float]:
+    """One (B*T) x D x F matmul per layout the SwiGLU's forward and backward use, each alone."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(keys[0], (B, T, D))
+    h = jax.random.normal(keys[1], (B, T, F))
+    w_df = jax.random.normal(keys[2], (D, F))
+    w_fd = jax.random.normal(keys[3], (F, D))
+    cases = {"x @ W (tokens x D x F)": ("btd,df->btf", x, w_df),
+             "h @ W (tokens x F x D)": ("btf,fd->btd", h, w_fd),
+             "x^T h (weight gradient, D x tokens x F)": ("btd,btf->df", x, h),
+             "h^T x (weight gradient, F x tokens x D)": ("btf,btd->fd", h, x)}
+    out = {}
+    for name, (spec, a, b) in cases.items():
+        fn = jax.jit(lambda a, b, s=spec: jnp.einsum(s, a, b))
+        out[f"{name}: jax"] = _median_ms(lambda: jax.block_until_ready(fn(a, b)), repeats)
+    try:
+        import torch
+    except ImportError:
+        return out
+    xt, ht = torch.randn(B * T, D), torch.randn(B * T, F)
+    wt_df, wt_fd = torch.randn(D, F), torch.randn(F, D)
+    for name, fn in {"x @ W (tokens x D x F)": lambda: xt @ wt_df,
+                     "h @ W (tokens x F x D)": lambda: ht @ wt_fd,
+                     "x^T h (weight gradient, D x tokens x F)": lambda: xt.t() @ ht,
+                     "h^T x (weight gradient, F x tokens x D)": lambda: ht.t() @ xt}.items():
+        out[f"{name}: pytorch"] = _median_ms(fn, repeats)
+    return out
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -102,6 +138,12 @@ def main(argv):
         part = name.split(":")[0]
         ref = times[next(n for n in times if n.startswith(part + ":") and "autodiff" in n)]
         print(f"  {name:40s} {ms:8.1f} ms   {ms / ref:5.2f}x of autodiff")
+    if _MATMULS.value:
+        flop = 2 * B * T * D * F
+        print(f"the SwiGLU's matmuls alone ({flop / 1e9:.2f} GFLOP each), median of "
+              f"{_REPEATS.value}:")
+        for name, ms in matmul_cases(_REPEATS.value).items():
+            print(f"  {name:55s} {ms:7.1f} ms   {flop / ms / 1e6:6.1f} GFLOP/s")
 
 
 if __name__ == "__main__":
