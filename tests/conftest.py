@@ -4,8 +4,13 @@ import os
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+from compile_flags import FAST_COMPILE  # tests/compile_flags.py imports nothing
+
+_flags = os.environ.get("XLA_FLAGS", "")
+for _flag in FAST_COMPILE.split():  # a flag already in XLA_FLAGS wins
+    if _flag.split("=")[0] not in _flags:
+        _flags += " " + _flag
+os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole suite, its subprocesses and both xdist workers:
 # many tests compile the same tiny step (a resumed run, a launcher after train()); a hit skips
