@@ -4,15 +4,9 @@ import os
 import sys
 import tempfile
 
-from compile_flags import FAST_COMPILE  # tests/compile_flags.py imports nothing
-
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flags = os.environ.get("XLA_FLAGS", "")
-if os.environ["JAX_PLATFORMS"] == "cpu":  # on a GPU (bench/device_check.sh) kernels compile as usual
-    for _flag in FAST_COMPILE.split():  # a flag already in XLA_FLAGS wins
-        if _flag.split("=")[0] not in _flags:
-            _flags += " " + _flag
-os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 # One persistent compilation cache for the whole suite, its subprocesses and both xdist workers:
 # many tests compile the same tiny step (a resumed run, a launcher after train()); a hit skips
 # the compile. The key covers the program, XLA_FLAGS and the versions, so a hit is the same

@@ -9,8 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from compile_flags import xla_flags
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.d_model=32", "--config.model.n_layers=3", "--config.model.inject_layer=1",
         "--config.model.n_heads=2", "--config.model.n_kv_heads=1", "--config.model.ffn_dim=64",
@@ -20,7 +18,7 @@ TINY = ["--config.model.d_model=32", "--config.model.n_layers=3", "--config.mode
 
 def run(script, *args, devices=1):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=xla_flags(devices))
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
 

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from compile_flags import xla_flags
 from free_transformer_jax import synthetic_metrics as sm
 from helpers import load_script
 
@@ -429,7 +428,7 @@ def test_sweep_end_to_end_tiny(tmp_path):
             "--config.train.log_every=1", "--config.model.d_model=32", "--config.model.n_layers=3",
             "--config.model.ffn_dim=64", "--config.model.latent_bits=4", "--latent_bits_for=8:10",
             "--config.data.synthetic_size=512"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "synthetic_sweep.py"),
                         f"--outdir={out}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
