@@ -321,7 +321,7 @@ _BOOKKEEPING = ("train.log_every", "train.ckpt_every", "train.keep_ckpts", "trai
 # ablate them (--runs_dir of their own, the baseline's run linked in) share one baseline
 _LATENT_ONLY = tuple(f"model.{k}" for k in (
     "latent_bits", "kappa_bits", "kl_weight", "free_bits_scope", "aggregate_kl_weight",
-    "aggregate_kl_form", "latent_impl", "encoder_abs_pos"))
+    "aggregate_kl_ramp_steps", "aggregate_kl_form", "latent_impl", "encoder_abs_pos"))
 
 
 def check_run_config(run_dir, config):

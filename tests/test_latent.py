@@ -188,6 +188,8 @@ def test_training_loss_adds_the_aggregate_kl_when_asked():
     assert float(m_on["aggregate_kl_bits"]) == pytest.approx(agg / math.log(2.0), rel=1e-6)
     with pytest.raises(ConfigError, match="aggregate_kl_form"):
         tiny_config(latent_bits=16, aggregate_kl_weight=1.0)
+    with pytest.raises(ConfigError, match="aggregate_kl_ramp_steps"):
+        tiny_config(latent_bits=4, aggregate_kl_weight=1.0, aggregate_kl_ramp_steps=-1)
 
 
 def test_batch_scope_free_bits_hinge_the_batch_mean():

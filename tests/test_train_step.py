@@ -78,6 +78,29 @@ def test_grad_accumulation_equals_full_batch(reference):
     assert float(m1["kl_nats"]) > 0
 
 
+def test_aggregate_kl_ramp_follows_the_step_in_one_pass_and_accumulated():
+    cfg = tiny_config(n_layers=2, inject_layer=1, latent_bits=4, aggregate_kl_weight=0.8,
+                      aggregate_kl_ramp_steps=100)
+    params = tiny_params(cfg)
+    batch = jax.tree.map(jnp.asarray, _batch(cfg)[0])
+    key = jax.random.key(3)
+    f1 = jax.jit(lambda p, b, s: grads_and_metrics(cfg, p, b, key, 1, step=s)[1])
+    f4 = jax.jit(lambda p, b, s: grads_and_metrics(cfg, p, b, key, 4, step=s)[1])
+    by_step = {s: f1(params, batch, jnp.int32(s)) for s in (0, 25, 100, 400)}
+    agg = float(by_step[0]["aggregate_kl_bits"]) * np.log(2.0)  # the same Z at every step: same key
+    assert agg > 0
+    for s, m in by_step.items():
+        base = float(m["ce"]) + float(m["kl_term"])
+        np.testing.assert_allclose(float(m["loss"]), base + 0.8 * min(s / 100, 1.0) * agg, rtol=1e-5,
+                                   err_msg=f"step {s}")
+    # accumulated, each micro-batch's aggregate is its own rows' (a batch-level term), weighted alike
+    m4 = f4(params, batch, jnp.int32(25))
+    np.testing.assert_allclose(float(m4["loss"]), float(m4["ce"]) + float(m4["kl_term"]) + 0.8 * 0.25
+                               * float(m4["aggregate_kl_bits"]) * np.log(2.0), rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the optimizer step"):
+        grads_and_metrics(cfg, params, batch, key, 1)
+
+
 def test_mesh_errors_are_one_line():
     with pytest.raises(shard_lib.MeshError, match="multiply"):
         shard_lib.make_mesh(dict(data=3, fsdp=1, tensor=1))

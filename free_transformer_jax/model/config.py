@@ -63,6 +63,9 @@ class ModelConfig:
     # Not in the paper (default off): + weight * KL(batch-averaged posterior || uniform) per
     # position, so prior samples look like the posterior's (latent.aggregate_kl).
     aggregate_kl_weight: float = 0.0
+    # > 0: that weight rises linearly from 0 at step 0 to aggregate_kl_weight at this step (weight
+    # 1 from step 0 collapses the posterior before the decoder learns to read Z; BUILD_NOTES)
+    aggregate_kl_ramp_steps: int = 0
     aggregate_kl_form: str = "codes"  # "codes": exact, H <= 12; "bits": per-bit marginals, any H
     inject_layer: int = -1  # -1: n_layers // 2. The encoder reads the stream after this many blocks.
     latent_impl: str = "fused"
@@ -131,6 +134,8 @@ class ModelConfig:
                  "hinge on each position's batch-mean KL)")
         if self.aggregate_kl_weight < 0:
             fail("aggregate_kl_weight", "must be >= 0 (0 = off, the paper's loss)")
+        if self.aggregate_kl_ramp_steps < 0:
+            fail("aggregate_kl_ramp_steps", "must be >= 0 (0 = the full weight from step 0)")
         if self.aggregate_kl_form not in AGGREGATE_KL_FORMS:
             fail("aggregate_kl_form", f"must be 'codes' (exact, H <= {AGGREGATE_KL_MAX_BITS}) or "
                  "'bits' (any H)")

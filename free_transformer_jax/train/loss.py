@@ -1,6 +1,7 @@
 """The training objective (BUILD_NOTES.md, "Model"): mean next-token CE
 + kl_weight * mean_t max(0, KL_t - kappa) (the free-bits term, ``model.latent.free_bits_kl``)
-[+ aggregate_kl_weight * ``model.latent.aggregate_kl``, off by default: not in the paper]; with
+[+ aggregate_kl_weight * ``model.latent.aggregate_kl``, off by default: not in the paper; with
+``model.aggregate_kl_ramp_steps`` its weight rises linearly from 0 over those steps]; with
 ``model.free_bits_scope="batch"`` (not the paper's) the hinge is on each position's batch-mean KL.
 
 A batch is a dict of (B, T) arrays: ``inputs``, ``targets`` and optionally ``segment_ids`` (0 =
@@ -48,16 +49,29 @@ def masked_mean(x: Array, mask: Array, denominator: Array | None = None) -> Arra
     return jnp.sum(x * mask) / jnp.maximum(denominator, 1.0)
 
 
+def aggregate_kl_weight(cfg: ModelConfig, step: Array | int | None) -> Array | float:
+    """The aggregate-KL weight at ``step``: ``cfg.aggregate_kl_weight``, or with
+    ``cfg.aggregate_kl_ramp_steps = R > 0`` that weight times min(1, step / R)."""
+    if not cfg.aggregate_kl_ramp_steps:
+        return cfg.aggregate_kl_weight
+    if step is None:
+        raise ValueError("model.aggregate_kl_ramp_steps > 0 needs the optimizer step: pass step= "
+                         "to loss_and_metrics")
+    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / cfg.aggregate_kl_ramp_steps, 1.0)
+    return cfg.aggregate_kl_weight * frac
+
+
 def loss_and_metrics(cfg: ModelConfig, logits_BTV: Array, aux: Mapping[str, Any],
-                     batch: Mapping[str, Array], denominators: tuple[Array, Array] | None = None
-                     ) -> tuple[Array, dict[str, Array]]:
+                     batch: Mapping[str, Array], denominators: tuple[Array, Array] | None = None,
+                     step: Array | int | None = None) -> tuple[Array, dict[str, Array]]:
     """Returns (loss, metrics). Metrics are scalars: loss, ce, kl_nats, kl_bits, kl_term,
     frac_above_kappa (baseline: the KL entries are zeros so every run logs the same keys), and
     ``n_tokens`` (scored targets).
 
     ``denominators`` = (scored targets, latent positions) of the whole batch, when this call sees
     one micro-batch of it: every returned mean is then that micro-batch's share of the whole
-    batch's mean, so shares sum to exactly the whole-batch values.
+    batch's mean, so shares sum to exactly the whole-batch values. ``step`` (the optimizer step,
+    needed only with ``cfg.aggregate_kl_ramp_steps``) sets the ramped aggregate-KL weight.
     """
     target_mask, latent_mask = token_masks(batch)
     ce_den, kl_den = (None, None) if denominators is None else denominators
@@ -78,7 +92,7 @@ def loss_and_metrics(cfg: ModelConfig, logits_BTV: Array, aux: Mapping[str, Any]
     agg = None
     if cfg.latent and cfg.aggregate_kl_weight and aux.get("bit_logits") is not None:
         agg = share * latent_lib.aggregate_kl(aux["bit_logits"], latent_mask, cfg.aggregate_kl_form)
-        loss = loss + cfg.aggregate_kl_weight * agg
+        loss = loss + aggregate_kl_weight(cfg, step) * agg
     metrics = {"loss": loss, "ce": ce, "kl_nats": kl_mean, "kl_bits": kl_mean / math.log(2.0),
                "kl_term": kl_term, "frac_above_kappa": frac_above,
                "n_tokens": jnp.sum(target_mask)}

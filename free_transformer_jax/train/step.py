@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.model.config import ModelConfig
 from free_transformer_jax.model.transformer import FreeTransformer
-from free_transformer_jax.train.loss import loss_and_metrics, token_masks
+from free_transformer_jax.train.loss import aggregate_kl_weight, loss_and_metrics, token_masks
 from free_transformer_jax.train.state import LATENT, TrainState, purpose_key
 
 Batch = dict[str, jax.Array]
@@ -25,13 +25,13 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def forward_loss(cfg: ModelConfig, params: Any, batch: Batch, key: jax.Array, row_ids: jax.Array,
-                 denominators=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 denominators=None, step=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Posterior-Z forward pass and the training objective on one (micro-)batch."""
     logits, aux = FreeTransformer(cfg).apply(
         {"params": params}, batch["inputs"], latent="posterior",
         segment_ids=batch.get("segment_ids"), positions=batch.get("positions"), row_ids=row_ids,
         rngs={"latent": key})
-    return loss_and_metrics(cfg, logits, aux, batch, denominators)
+    return loss_and_metrics(cfg, logits, aux, batch, denominators, step)
 
 
 def _micro_batches(batch: Batch, n: int, mesh: Mesh | None) -> Batch:
@@ -48,7 +48,7 @@ def _micro_batches(batch: Batch, n: int, mesh: Mesh | None) -> Batch:
 
 
 def grads_and_metrics(cfg: ModelConfig, params: Any, batch: Batch, key: jax.Array, grad_accum: int,
-                      mesh: Mesh | None = None) -> tuple[Any, dict[str, jax.Array]]:
+                      mesh: Mesh | None = None, step=None) -> tuple[Any, dict[str, jax.Array]]:
     """Gradient of the whole batch's loss; with ``grad_accum > 1`` it is accumulated over strided
     micro-batches, and equals the single-pass gradient (same Z: noise is keyed by row id; same
     normalisation: every micro-batch divides by the whole batch's token counts)."""
@@ -58,7 +58,7 @@ def grads_and_metrics(cfg: ModelConfig, params: Any, batch: Batch, key: jax.Arra
     row_ids = jnp.arange(b, dtype=jnp.int32)
     grad_fn = jax.value_and_grad(forward_loss, argnums=1, has_aux=True)
     if grad_accum == 1:
-        (_, metrics), grads = grad_fn(cfg, params, batch, key, row_ids, denominators)
+        (_, metrics), grads = grad_fn(cfg, params, batch, key, row_ids, denominators, step)
         return grads, metrics
 
     micro = _micro_batches(batch, grad_accum, mesh)
@@ -66,12 +66,12 @@ def grads_and_metrics(cfg: ModelConfig, params: Any, batch: Batch, key: jax.Arra
 
     def body(acc, xs):
         mb, rows = xs
-        (_, m), g = grad_fn(cfg, params, mb, key, rows, denominators)
+        (_, m), g = grad_fn(cfg, params, mb, key, rows, denominators, step)
         return jax.tree.map(jnp.add, acc, (g, m)), None
 
     zero_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     zero_m = jax.eval_shape(lambda: grad_fn(cfg, params, jax.tree.map(lambda x: x[0], micro), key,
-                                            micro_rows[0], denominators)[0][1])
+                                            micro_rows[0], denominators, step)[0][1])
     zero_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_m)
     (grads, metrics), _ = jax.lax.scan(body, (zero_g, zero_m), (micro, micro_rows))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
@@ -84,13 +84,16 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, seed: in
     """The un-jitted step ``(state, batch) -> (state, metrics)``; see :func:`jit_train_step`."""
     def train_step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(purpose_key(seed, LATENT), state.step)  # built inside: AOT-safe
-        grads, metrics = grads_and_metrics(cfg, state.params, batch, key, grad_accum, mesh)
+        grads, metrics = grads_and_metrics(cfg, state.params, batch, key, grad_accum, mesh, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(params))
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
+        if cfg.latent and cfg.aggregate_kl_weight and cfg.aggregate_kl_ramp_steps:
+            metrics["aggregate_kl_weight"] = jnp.asarray(aggregate_kl_weight(cfg, state.step),
+                                                         jnp.float32)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
