@@ -45,3 +45,13 @@ def test_mfu_and_peaks():
         dev = type("D", (), {"device_kind": kind, "platform": "gpu"})()
         assert flops_lib.peak_flops_per_device(dev) == peak, kind
     assert flops_lib.peak_flops_per_device(jax.devices()[0]) > 0  # CPU: measured
+
+
+def test_cpu_peak_is_the_fastest_timed_call(monkeypatch):
+    # call pairs (start, end): durations 0.5, 0.1 (the fastest), 0.3, 0.2, 0.2, 0.2
+    stamps = iter([0.0, 0.5, 1.0, 1.1, 2.0, 2.3] + [t for i in range(3) for t in (10.0 + i, 10.2 + i)])
+    monkeypatch.setattr(flops_lib, "_measured_cpu_peak", None)
+    assert flops_lib.measure_cpu_peak(n=8, repeats=6, clock=lambda: next(stamps)) == pytest.approx(
+        2 * 8**3 / 0.1)
+    # measured once per process: a second call neither times nor changes it
+    assert flops_lib.measure_cpu_peak(n=8, clock=lambda: 1 / 0) == pytest.approx(2 * 8**3 / 0.1)
