@@ -92,8 +92,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, seed: in
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         if cfg.latent and cfg.aggregate_kl_weight and cfg.aggregate_kl_ramp_steps:
-            metrics["aggregate_kl_weight"] = jnp.asarray(aggregate_kl_weight(cfg, state.step),
-                                                         jnp.float32)
+            metrics["aggregate_kl_weight"] = aggregate_kl_weight(cfg, state.step)  # float32 array
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
