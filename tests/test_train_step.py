@@ -3,13 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax.configlib import base_config
 from free_transformer_jax.train.optimizer import make_optimizer
-from free_transformer_jax.train.state import init_state
-from free_transformer_jax.train.step import grads_and_metrics, jit_train_step
+from free_transformer_jax.train.state import TrainState, init_state
+from free_transformer_jax.train.step import grads_and_metrics, jit_train_step, make_train_step
 from helpers import tiny_config, tiny_params
 
 B, T, STEPS = 8, 16, 3
@@ -99,6 +100,18 @@ def test_aggregate_kl_ramp_follows_the_step_in_one_pass_and_accumulated():
                                * float(m4["aggregate_kl_bits"]) * np.log(2.0), rtol=1e-5)
     with pytest.raises(ValueError, match="needs the optimizer step"):
         grads_and_metrics(cfg, params, batch, key, 1)
+    # the train step hands its own step to the loss and logs the weight it used
+    tx = optax.sgd(0.0)
+    step_fn = jax.jit(make_train_step(cfg, tx, seed=0, grad_accum=1))
+    for s in (0, 25, 400):
+        state = TrainState(step=jnp.int32(s), params=params, opt_state=tx.init(params))
+        new_state, m = step_fn(state, batch)
+        assert int(new_state.step) == s + 1
+        weight = float(m["aggregate_kl_weight"])
+        np.testing.assert_allclose(weight, 0.8 * min(s / 100, 1.0), rtol=1e-6)
+        np.testing.assert_allclose(float(m["loss"]), float(m["ce"]) + float(m["kl_term"])
+                                   + weight * float(m["aggregate_kl_bits"]) * np.log(2.0),
+                                   rtol=1e-5, err_msg=f"step {s}")
 
 
 def test_mesh_errors_are_one_line():
