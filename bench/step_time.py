@@ -36,8 +36,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _VARIANTS = flags.DEFINE_list(
     "variants", ["baseline", "free"],
     "baseline (model.latent=False) and/or free (latent=True), each optionally followed by "
-    "model overrides (free+latent_bits=12+latent_impl=dense) and XLA flags for that case's "
-    "process (baseline+xla_cpu_enable_concurrency_optimized_scheduler=true).")
+    "model overrides (free+latent_bits=12+latent_impl=dense), XLA flags for that case's "
+    "process (baseline+xla_cpu_enable_concurrency_optimized_scheduler=true) and its malloc "
+    "setting (baseline+host_malloc=system).")
 _IMPLS = flags.DEFINE_list("attention_impl", [], "model.attention_impl values to compare "
                            "(default: the config's).")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per case per round.")
@@ -45,6 +46,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds; each runs --steps steps o
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per case after compiling.")
 _JSON = flags.DEFINE_string("json", None, "Where to write the JSON record.")
 _SEED = flags.DEFINE_integer("seed", 0, "Parameter / data seed.")
+_MALLOC = flags.DEFINE_enum("host_malloc", "auto", ["auto", "tuned", "system"],
+                            "malloc setting of every case's process, the PyTorch one included "
+                            "(free_transformer_jax/hostmem.py, what the launchers use); a variant's "
+                            "+host_malloc=... overrides it for that case.")
 _TORCH = flags.DEFINE_bool("torch_reference", False, "Also time the baseline in PyTorch "
                            "(transformers' LlamaForCausalLM at the config's shape, AdamW, float32: "
                            "the decoder our HF parity tests match), interleaved with the other "
@@ -82,7 +87,10 @@ def case_config(config_dict: dict, variant: str, impl: str | None):
     c = ml_collections.ConfigDict(config_dict)
     c.model.latent = kind == "free"
     for name, value in fields.items():
-        if name.startswith("xla_"):  # an XLA flag of the case's process: xla_flags_of
+        if name == "host_malloc" and value not in ("auto", "tuned", "system"):
+            raise ValueError(f"--variants: {variant!r}: host_malloc must be auto, tuned or "
+                             "system")
+        if name.startswith("xla_") or name == "host_malloc":  # the case's process: _worker
             continue
         if name not in c.model:
             raise ValueError(f"--variants: {variant!r}: the config has no model.{name}")
@@ -231,15 +239,29 @@ def _torch_case(config_dict: dict, warmup: int, seed: int):
     return info, run, lambda: {"device_peak_bytes": None, "final_loss": live["loss"]}
 
 
-def _worker(conn, config_dict: dict, variant: str, impl: str | None, warmup: int, seed: int):
+def _with_malloc(mode: str, setup):
+    """``setup`` run after this case process's host memory setting (free_transformer_jax/hostmem.py:
+    before jax or torch starts a thread), with the setting's line added to what it reports."""
+    def wrapped():
+        from free_transformer_jax import hostmem
+
+        line = hostmem.configure(mode)
+        info, run, finish = setup()
+        return {**info, "host_malloc": line}, run, finish
+    return wrapped
+
+
+def _worker(conn, config_dict: dict, variant: str, impl: str | None, warmup: int, seed: int,
+            malloc: str):
     extra = xla_flags_of(variant)  # before jax (imported by the case) creates its backend
     if extra:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {extra}".strip()
-    _serve(conn, lambda: _jax_case(config_dict, variant, impl, warmup, seed))
+    mode = parse_variant(variant)[1].get("host_malloc", malloc)
+    _serve(conn, _with_malloc(mode, lambda: _jax_case(config_dict, variant, impl, warmup, seed)))
 
 
-def _torch_worker(conn, config_dict: dict, warmup: int, seed: int):
-    _serve(conn, lambda: _torch_case(config_dict, warmup, seed))
+def _torch_worker(conn, config_dict: dict, warmup: int, seed: int, malloc: str):
+    _serve(conn, _with_malloc(malloc, lambda: _torch_case(config_dict, warmup, seed)))
 
 
 def summarize(cases: list[dict]) -> dict:
@@ -320,11 +342,12 @@ def main(argv):
             parent, child = ctx.Pipe()
             if c["variant"] == "pytorch":
                 c["process"] = ctx.Process(target=_torch_worker,
-                                           args=(child, conf, _WARMUP.value, _SEED.value))
+                                           args=(child, conf, _WARMUP.value, _SEED.value,
+                                                 _MALLOC.value))
             else:
                 c["process"] = ctx.Process(target=_worker, args=(child, conf, c["variant"],
                                                                  c["impl"], _WARMUP.value,
-                                                                 _SEED.value))
+                                                                 _SEED.value, _MALLOC.value))
             c["process"].start()
             c["conn"] = parent
             info = parent.recv()
@@ -332,8 +355,8 @@ def main(argv):
                 print(info["traceback"], file=sys.stderr)
                 sys.exit(f"error: {c['variant']}/{c['impl']}: {info['error']}")
             c.update(info)
-            print(f"  {c['variant']} {info['attention']}; compiled in {info['compile_s']:.1f} s",
-                  flush=True)
+            print(f"  {c['variant']} {info['attention']}; compiled in {info['compile_s']:.1f} s; "
+                  f"{info['host_malloc']}", flush=True)
         for c in cases:
             c["round_seconds"] = []
         for r in range(_REPEATS.value):

@@ -27,9 +27,10 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+from free_transformer_jax import hostmem
 from common import run  # launch/common.py: one-line errors shared by the launchers
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Base config.",
@@ -62,6 +63,7 @@ _GROUP_Z = flags.DEFINE_enum(
     "decoder was trained with; results.md then also says how often a sample's target and `!` "
     "match that record's. aggregate: Z_t drawn independently per position from the posterior "
     "averaged over 512 validation records (a prior fitted to the aggregate posterior's marginals).")
+_HOST_MALLOC = hostmem.define_flag()
 _RESCORE = flags.DEFINE_string("rescore", "", "Re-analyse this stored results.json (no training).")
 _COMPARE = flags.DEFINE_string(
     "compare_to", "", "A stored results.json (e.g. the ablations' base): results.md then also "
@@ -685,6 +687,7 @@ def main(argv):
     from free_transformer_jax.logs import setup_console_logging
 
     setup_console_logging()  # Orbax/Grain INFO chatter needs -v=1
+    logging.info("%s", hostmem.configure(_HOST_MALLOC.value))  # before JAX starts its backend
     outdir = _OUTDIR.value
     os.makedirs(outdir, exist_ok=True)
     if _RESCORE.value and not os.path.exists(_RESCORE.value):

@@ -12,10 +12,10 @@ variables) are connected before anything touches a device: see free_transformer_
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from free_transformer_jax import distributed
+from free_transformer_jax import distributed, hostmem
 from free_transformer_jax.logs import setup_console_logging
 from common import run  # launch/common.py: one-line errors shared by the launchers
 
@@ -24,12 +24,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and config.json "
                                "go here (local path or gs://...).")
 distributed.define_flags()
+_HOST_MALLOC = hostmem.define_flag()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_console_logging()  # -v sets the verbosity (INFO by default); Orbax/Grain INFO needs -v=1
+    logging.info("%s", hostmem.configure(_HOST_MALLOC.value))  # before JAX starts its backend
     try:
         distributed.initialize_from_flags()
     except distributed.DistributedError as e:

@@ -60,3 +60,10 @@ def test_rows_per_device_follows_the_mesh():
     mesh = shard_lib.make_mesh(dict(data=2, fsdp=2, tensor=2), jax.devices()[:8])
     with shard_lib.mesh_context(mesh):
         assert latent.rows_per_device(16) == 4  # rows split over data x fsdp, not tensor
+
+
+def test_variants_take_a_host_malloc_setting():
+    c = step_time.case_config(tiny_train_config().to_dict(), "baseline+host_malloc=system", None)
+    assert "host_malloc" not in c.model  # a process setting, not a model field
+    with pytest.raises(ValueError, match="host_malloc must be auto, tuned or system"):
+        step_time.case_config(tiny_train_config().to_dict(), "baseline+host_malloc=big", None)
