@@ -45,9 +45,10 @@ def runs_on_cpu(env: Mapping[str, str] = os.environ) -> bool:
 def _backend_started() -> bool:
     if "jax" not in sys.modules:
         return False
-    from jax._src import xla_bridge
+    from jax._src import xla_bridge  # private: a JAX without this function is taken as "started"
 
-    return xla_bridge.backends_are_initialized()
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return True if started is None else bool(started())
 
 
 def configure(mode: str = "auto") -> str:
