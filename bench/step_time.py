@@ -154,6 +154,7 @@ def _jax_case(config_dict: dict, variant: str, impl: str | None, warmup: int, se
     import jax
 
     from free_transformer_jax import flops as flops_lib
+    from free_transformer_jax import hostmem
     from free_transformer_jax.model.config import ModelConfig, resolve_attention_impl
     from free_transformer_jax.train.program import build_program
 
@@ -168,6 +169,7 @@ def _jax_case(config_dict: dict, variant: str, impl: str | None, warmup: int, se
     compiled = program.lower().compile()
     compile_s = time.perf_counter() - t0
     live = {"state": program.init_state(seed=seed)}
+    hostmem.release_free_memory()  # as the trainer does, once compiled and initialised
     abstract = program.abstract_batch()
     batch = jax.device_put(_host_batch(abstract, cfg.vocab_size, seed), program.batch_shardings)
 

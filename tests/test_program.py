@@ -1,14 +1,12 @@
 """One program builder: what launch/compile.py lowers is exactly what train() runs."""
 
-import dataclasses
-
 import jax
 import pytest
 
 from free_transformer_jax import sharding as shard_lib
 from free_transformer_jax import trainer
 from free_transformer_jax.model.config import ConfigError
-from free_transformer_jax.train.program import build_program, lower_for_target
+from free_transformer_jax.train.program import Program, build_program, lower_for_target
 from helpers import tiny_train_config
 
 
@@ -24,27 +22,22 @@ def _config():
 
 
 def test_compile_path_lowers_the_hlo_train_runs(tmp_path, monkeypatch):
-    calls = []
-    real_build = trainer.build_program
+    lowered_by_train = []
+    real_lower = Program.lower
 
-    def spy_build(config, mesh=None):  # records the step train() calls and what it passes
-        program = real_build(config, mesh)
-        jitted = program.step
+    def spy_lower(program):  # records what train() compiles (and then runs: a compiled step
+        lowered = real_lower(program)  # rejects a state or batch of another shape or sharding)
+        lowered_by_train.append((program, lowered.as_text()))
+        return lowered
 
-        def step(state, batch):
-            calls.append((program, jitted, jax.tree.map(_struct, (state, batch))))
-            return jitted(state, batch)
-        return dataclasses.replace(program, step=step)
-
-    monkeypatch.setattr(trainer, "build_program", spy_build)
+    monkeypatch.setattr(Program, "lower", spy_lower)
     metrics = trainer.train(_config(), str(tmp_path / "run"))
-    assert len(calls) == 1 and "lr" in metrics  # the schedule is part of the program
-    program, jitted, (state, batch) = calls[0]
-    with shard_lib.mesh_context(program.mesh):
-        trained = jitted.lower(state, batch).as_text()
+    monkeypatch.undo()
+    assert len(lowered_by_train) == 1 and "lr" in metrics  # the schedule is part of the program
+    trained_program, trained = lowered_by_train[0]
 
     compiled_program, lowered = lower_for_target(_config())  # launch/compile.py --cpu_devices
-    assert compiled_program.step is not jitted  # built afresh, not shared
+    assert compiled_program.step is not trained_program.step  # built afresh, not shared
     assert lowered.as_text() == trained
     assert "lr" in jax.eval_shape(compiled_program.step, compiled_program.abstract_state,
                                   compiled_program.abstract_batch())[1]
