@@ -32,6 +32,8 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
+from free_transformer_jax import hostmem  # standard library only: no jax in the parent process
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _VARIANTS = flags.DEFINE_list(
     "variants", ["baseline", "free"],
@@ -46,7 +48,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds; each runs --steps steps o
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per case after compiling.")
 _JSON = flags.DEFINE_string("json", None, "Where to write the JSON record.")
 _SEED = flags.DEFINE_integer("seed", 0, "Parameter / data seed.")
-_MALLOC = flags.DEFINE_enum("host_malloc", "auto", ["auto", "tuned", "system"],
+_MALLOC = flags.DEFINE_enum("host_malloc", "auto", list(hostmem.MODES),
                             "malloc setting of every case's process, the PyTorch one included "
                             "(free_transformer_jax/hostmem.py, what the launchers use); a variant's "
                             "+host_malloc=... overrides it for that case.")
@@ -87,9 +89,9 @@ def case_config(config_dict: dict, variant: str, impl: str | None):
     c = ml_collections.ConfigDict(config_dict)
     c.model.latent = kind == "free"
     for name, value in fields.items():
-        if name == "host_malloc" and value not in ("auto", "tuned", "system"):
-            raise ValueError(f"--variants: {variant!r}: host_malloc must be auto, tuned or "
-                             "system")
+        if name == "host_malloc" and value not in hostmem.MODES:
+            raise ValueError(f"--variants: {variant!r}: host_malloc must be "
+                             f"{', '.join(hostmem.MODES[:-1])} or {hostmem.MODES[-1]}")
         if name.startswith("xla_") or name == "host_malloc":  # the case's process: _worker
             continue
         if name not in c.model:
@@ -154,7 +156,6 @@ def _jax_case(config_dict: dict, variant: str, impl: str | None, warmup: int, se
     import jax
 
     from free_transformer_jax import flops as flops_lib
-    from free_transformer_jax import hostmem
     from free_transformer_jax.model.config import ModelConfig, resolve_attention_impl
     from free_transformer_jax.train.program import build_program
 
@@ -245,8 +246,6 @@ def _with_malloc(mode: str, setup):
     """``setup`` run after this case process's host memory setting (free_transformer_jax/hostmem.py:
     before jax or torch starts a thread), with the setting's line added to what it reports."""
     def wrapped():
-        from free_transformer_jax import hostmem
-
         line = hostmem.configure(mode)
         info, run, finish = setup()
         return {**info, "host_malloc": line}, run, finish

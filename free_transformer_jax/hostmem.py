@@ -42,6 +42,10 @@ def runs_on_cpu(env: Mapping[str, str] = os.environ) -> bool:
     return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
 
 
+def _glibc_linux() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def _backend_started() -> bool:
     if "jax" not in sys.modules:
         return False
@@ -63,7 +67,7 @@ def configure(mode: str = "auto") -> str:
         line = "host memory: as it is (an accelerator computes; --host_malloc=tuned to force)"
     elif mode == "system":
         line = "host memory: as it is (--host_malloc=system)"
-    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    elif not _glibc_linux():
         line = "host memory: as it is (the tuning needs Linux with glibc)"
     elif _backend_started():
         line = "host memory: as it is (JAX's backend had already started)"
@@ -87,7 +91,7 @@ def release_free_memory() -> None:
     initialisation freed is then not kept mapped under the step's temporaries, which the tuned
     setting (no trimming) would otherwise do, and glibc's defaults do as well for memory in the
     middle of the heap."""
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    if _glibc_linux():
         ctypes.CDLL(None).malloc_trim(0)
 
 
