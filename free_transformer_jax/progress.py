@@ -2,8 +2,9 @@
 learning rate and ETA.
 
 Timing: the trainer reports each step's metrics when they reach the host (one step late, so the
-device never waits). The first step a run reports includes compilation, so it only starts the
-clock: its line shows no throughput. Every later report measures the steps completed since the
+device never waits). The first step a run reports includes start-up (the data pipeline's first
+batch, the first execution's allocations, and compilation when the step is compiled lazily), so it
+only starts the clock: its line shows no throughput. Every later report measures the steps completed since the
 previous report (or since :meth:`Progress.restart_clock`, which the trainer calls after an
 evaluation or a blocking checkpoint so those pauses do not count as training time), which is right
 for any ``log_every``, 1 included.
@@ -60,7 +61,7 @@ class Progress:
         now = self.clock()
         mark = self._mark
         first = mark is None
-        if first:  # this step's time includes compilation: start the clock here
+        if first:  # this step's time includes start-up: start the clock here
             self._mark = (step, now)
         if step % self.log_every and step != self.total_steps:
             return None

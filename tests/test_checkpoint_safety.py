@@ -328,18 +328,17 @@ def test_a_checkpoint_directory_that_cannot_be_created_is_one_line(tmp_path):
 @pytest.mark.parametrize("field,value", [("d_model", 64), ("latent", False)])
 def test_another_model_shape_is_refused_naming_the_field(straight, field, value, monkeypatch,
                                                           tmp_path):
-    """Two independent refusals, both before the training loop (where the step compiles): the
-    run's config.json (configlib.check_resume) and, without it, the checkpoint's own parameter
-    shapes against the config (Checkpointer.check_shapes)."""
+    """Two independent refusals, both before the train step is lowered and compiled: the run's
+    config.json (configlib.check_resume) and, without it, the checkpoint's own parameter shapes
+    against the config (Checkpointer.check_shapes)."""
     c = run_config()
     c.model[field] = value
-    import free_transformer_jax.trainer as trainer_lib
+    from free_transformer_jax.train.program import Program
 
     def no_compile(*a, **k):
-        raise AssertionError("reached the training loop (where the step compiles) before refusing "
-                             "the checkpoint")
+        raise AssertionError("lowered the train step before refusing the checkpoint")
 
-    monkeypatch.setattr(trainer_lib, "_loop", no_compile)
+    monkeypatch.setattr(Program, "lower", no_compile)
     with pytest.raises(ConfigError, match=rf"differs from its config.json in model\.{field}: "):
         train(c, str(straight[0]))
     copy = tmp_path / "copy"
