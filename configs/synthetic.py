@@ -33,10 +33,10 @@ def get_config():
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.0
-    # [choice] 2500 steps, about 8 minutes per H = 8 model on one CPU core: the protocol that
-    # compares factors side by side. Agreement still rises with length (about +0.03 per doubling
-    # at 1/8 bit, +0.06 at 1 bit), so its absolute numbers are lower bounds (BUILD_NOTES
-    # "Training length: 2500, 5000 and 10000 steps")
+    # [choice] 2500 steps, 8-15 minutes per H = 8 model on one CPU core (the host varies): the
+    # protocol that compares factors side by side. Agreement still rises with length (about +0.03
+    # per doubling at 1/8 bit, +0.06 at 1 bit), so its absolute numbers are lower bounds
+    # (BUILD_NOTES "Training length: 2500, 5000 and 10000 steps")
     c.train.steps = 2500
     c.train.batch_size = 64
     c.train.log_every = 250
