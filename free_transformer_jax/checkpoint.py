@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from free_transformer_jax.model.config import ConfigError
 from free_transformer_jax.train.state import TrainState
 
 
@@ -35,14 +36,20 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class DataStateMismatch(CheckpointError):
+    """A checkpoint's data-iterator state that reads but does not fit this run's pipeline: the
+    checkpoint is sound (never moved aside); the run's data settings differ from the saved ones."""
+
+
 class NonFiniteStateError(CheckpointError):
     """The state about to be saved has non-finite (or overflowing) parameters."""
 
 
-def _grain_args():
+def _grain_save_args():
+    """grain's Orbax save argument (the restore reads the JSON itself: ``_read_data_state``)."""
     import grain  # imported lazily: evaluation without a data iterator does not need it
 
-    return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
+    return grain.checkpoint.CheckpointSave
 
 
 def first_line(e: BaseException, limit: int = 1000) -> str:
@@ -251,7 +258,7 @@ class Checkpointer:
         items = {"params": ocp.args.StandardSave(state.params),
                  "opt": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state})}
         if data_iter is not None:
-            items["data"] = _grain_args()[0](data_iter)
+            items["data"] = _grain_save_args()(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
         try:
@@ -326,7 +333,9 @@ class Checkpointer:
                       data_iter: Any = None, model: Mapping[str, Any] | None = None) -> TrainState:
         """The full training state (and the data iterator, in place) into ``abstract_state``'s
         shardings. Without ``step``: the latest readable step; an unreadable one is moved to
-        ``corrupt_checkpoints/`` with a one-line warning and the previous step is tried."""
+        ``corrupt_checkpoints/`` with a one-line warning and the previous step is tried. A data
+        state that reads but does not fit ``data_iter`` (another data layout) is a one-line
+        error that moves nothing: the checkpoint is sound, the settings are not the run's."""
         explicit = step is not None
         step = self._check_step(step)
         self.check_shapes(step, abstract_state.params, model)  # before anything is read
@@ -334,17 +343,14 @@ class Checkpointer:
             items = {"params": ocp.args.StandardRestore(abstract_state.params),
                      "opt": ocp.args.StandardRestore({"step": abstract_state.step,
                                                       "opt_state": abstract_state.opt_state})}
-            moved = None  # the data state, when the checkpoint was written by another process count
-            if data_iter is not None:
-                from free_transformer_jax.data.pipeline import state_from_other_process_count
-
-                moved = state_from_other_process_count(os.path.join(self.directory, str(step),
-                                                                    "data"))
-                if moved is None:
-                    items["data"] = _grain_args()[1](data_iter)
             try:
+                data_state = None if data_iter is None else self._read_data_state(step)
+                if data_state is not None:
+                    self._set_data_state(step, data_iter, data_state)  # before the large read
                 restored = self._restore(step, items)
                 break
+            except DataStateMismatch:
+                raise
             except CheckpointError as e:
                 if explicit:
                     raise
@@ -359,12 +365,43 @@ class Checkpointer:
                                           f"unreadable ones were moved to {self.quarantine}); "
                                           "rerun to start from scratch") from e
                 step = max(earlier)
-        if moved is not None:
-            data_iter.set_state(moved)
-            if hasattr(data_iter, "start_prefetch"):  # as grain's handler does after set_state
-                data_iter.start_prefetch()
+        if data_iter is not None and hasattr(data_iter, "start_prefetch"):
+            data_iter.start_prefetch()  # as grain's Orbax handler does after set_state
         return TrainState(step=restored["opt"]["step"], params=restored["params"],
                           opt_state=restored["opt"]["opt_state"])
+
+    def _read_data_state(self, step: int) -> dict:
+        """This process's data-iterator state at ``step``: its own file (what grain's Orbax
+        handler wrote), or the merge of all files when another process count wrote them. Raises
+        CheckpointError when the files are missing or do not parse (a damaged step), and
+        DataStateMismatch when they cannot be merged for this process count."""
+        import json
+
+        from free_transformer_jax.data.pipeline import state_from_other_process_count
+
+        data_dir = epath.Path(self.directory) / str(step) / "data"
+        own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        try:
+            moved = state_from_other_process_count(data_dir)
+            if moved is not None:
+                return moved
+            return json.loads(own.read_text())
+        except ConfigError as e:  # worker-process states written by another process count
+            raise DataStateMismatch(f"step {step} in {self.directory}: {first_line(e)}; resume on "
+                                    "the process count that wrote it") from e
+        except Exception as e:
+            raise CheckpointError(f"could not read the data-iterator state of step {step} "
+                                  f"({data_dir}): {first_line(e)}") from e
+
+    def _set_data_state(self, step: int, data_iter: Any, state: dict) -> None:
+        try:
+            data_iter.set_state(state)
+        except Exception as e:  # a sound file for another pipeline: refuse, move nothing
+            raise DataStateMismatch(
+                f"the data-iterator state of step {step} in {self.directory} does not fit this "
+                f"run's data pipeline ({first_line(e)}); it was saved with other data settings "
+                "(data.num_workers, data.streams, train.batch_size): resume with the run's own "
+                "values (its config.json) or use another --workdir") from e
 
     def _move_aside(self, step: int) -> str:
         """Renames an unreadable step out of the checkpoint directory (never deletes it), so the

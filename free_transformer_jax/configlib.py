@@ -20,11 +20,13 @@ from free_transformer_jax.model.config import ConfigError, ModelConfig
 # Fields a resumed run may change: how long to train (the cosine schedule then spans the new
 # length), how often to log/save/evaluate, the layout (checkpoints restore onto any mesh and
 # grad_accum splits the same global batch), where prepared data now lives, and data-loading
-# throughput. Every other field is fixed once a run has a checkpoint.
+# threads and buffers. Every other field is fixed once a run has a checkpoint; data.num_workers
+# among them: grain's worker processes each read a slice of every document stream, so the worker
+# count sets the batch order and the saved iterator state's layout.
 RESUME_MUTABLE = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
                   "train.async_ckpt", "train.eval_every", "train.profile_steps", "train.grad_accum",
                   "mesh.*", "eval.*", "data.tfds_data_dir", "data.tokenizer_path",
-                  "data.num_workers", "data.prefetch", "data.read_threads", "data.read_buffer",
+                  "data.prefetch", "data.read_threads", "data.read_buffer",
                   "init.*")  # init.* only applies to a fresh run: a resume ignores it
 
 

@@ -6,6 +6,7 @@ Every run uses the same tiny 60-step config, so one uninterrupted run (the ``str
 is the reference that each interrupted-then-resumed run must match bit for bit.
 """
 
+import json
 import os
 import re
 import shutil
@@ -278,6 +279,55 @@ def test_a_truncated_latest_checkpoint_is_reported_in_one_line_and_skipped(tmp_p
     assert "resuming from step 40" in reports[0] and "Traceback" not in err
     assert f"resumed from {workdir / 'checkpoints'} at step 40" in out
     assert (workdir / "corrupt_checkpoints" / str(STEPS)).is_dir()  # moved aside, not deleted
+    _assert_bit_identical(workdir, straight[1])
+
+
+# The data-iterator state ------------------------------------------------------------------------------
+def _data_file(workdir, step):
+    return workdir / "checkpoints" / str(step) / "data" / "process_0-of-1.json"
+
+
+def test_a_data_state_that_does_not_parse_is_a_damaged_step_and_skipped(tmp_path, straight, caplog):
+    workdir = tmp_path / "garbled"
+    shutil.copytree(straight[0], workdir)
+    _data_file(workdir, STEPS).write_text('{"streams": {"0": ')  # cut short
+    train(run_config(), str(workdir))  # resumes from step 40 with step 40's data state
+    reports = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(reports) == 1 and f"checkpoint step {STEPS} is unreadable (Expecting value" in \
+        reports[0] and "resuming from step 40" in reports[0], reports
+    assert (workdir / "corrupt_checkpoints" / str(STEPS) / "data").is_dir()
+    _assert_bit_identical(workdir, straight[1])
+
+
+def test_a_data_state_of_another_pipeline_is_refused_and_moves_nothing(tmp_path, straight):
+    """A sound checkpoint whose data state was written by another data layout (here: grain's
+    worker-process layout, data.num_workers=1) is a settings problem, not damage: one line,
+    every step stays where it is, and the run's own layout resumes from it afterwards."""
+    from free_transformer_jax.checkpoint import DataStateMismatch
+    from free_transformer_jax.data import pipeline
+
+    workdir = tmp_path / "other_layout"
+    shutil.copytree(straight[0], workdir)
+    own = _data_file(workdir, STEPS).read_text()
+    workers = run_config()
+    workers.data.num_workers = 1
+    it = pipeline.make_iterator(workers, "train", batch_size=8, seed=0)
+    try:
+        state = it.get_state()
+    finally:
+        it.close()
+    assert "streams" not in state  # the worker layout differs from the in-process one
+    _data_file(workdir, STEPS).write_text(json.dumps(state))
+    steps = sorted(os.listdir(workdir / "checkpoints"))
+    with pytest.raises(DataStateMismatch, match=r"the data-iterator state of step 60 in .* does not "
+                                                r"fit this run's data pipeline .*data\.num_workers") as e:
+        train(run_config(), str(workdir))
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(workdir / "checkpoints")) == steps
+    assert not (workdir / "corrupt_checkpoints").exists()
+    _data_file(workdir, STEPS).write_text(own)  # the run's own state: step 60 resumes as it is
+    train(run_config(), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == steps
     _assert_bit_identical(workdir, straight[1])
 
 

@@ -164,6 +164,11 @@ def test_resuming_with_another_seq_len_is_refused(resumable):
     longer.eval.batches = 1
     configlib.check_resume(wd, longer.to_dict())
     assert configlib.resume_changes(c.to_dict(), longer.to_dict()) == []
+    # the worker count sets the batch order and the data state's layout: fixed once saved
+    workers = tiny_train_config(steps=6)
+    workers.data.num_workers = c.data.num_workers + 2
+    with pytest.raises(ConfigError, match=rf"data\.num_workers: {c.data.num_workers} -> "):
+        configlib.check_resume(wd, workers.to_dict())
 
 
 def test_resume_reads_fields_the_recorded_config_lacks_as_defaults():

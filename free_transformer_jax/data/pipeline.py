@@ -247,7 +247,7 @@ def state_from_other_process_count(data_dir: Any, process_index: int | None = No
         return None
     written_by = {f.name.rsplit("-of-", 1)[1][:-len(".json")] for f in files}
     if len(written_by) != 1 or len(files) != int(next(iter(written_by))):
-        raise ConfigError(f"{data_dir}: incomplete data-iterator states ({[f.name for f in files]}); "
+        raise ValueError(f"{data_dir}: incomplete data-iterator states ({[f.name for f in files]}); "
                           "the checkpoint is damaged")
     logging.info("data: merging the iterator states of %d processes (checkpoint written by another "
                  "process count) from %s", len(files), data_dir)
