@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from free_transformer_jax import fs
 from free_transformer_jax import sharding as shard_lib
+from free_transformer_jax.model import kernels
 from free_transformer_jax.model import latent as latent_lib
 from free_transformer_jax.model.config import ConfigError, ModelConfig
 from free_transformer_jax.model.transformer import FreeTransformer
@@ -238,10 +239,12 @@ def _score_choices(cfg, params, examples, tokenizer, key, z_samples, batch_size,
     n_tok = np.array([len(r[3]) for r in rows], np.float64)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        pad = batch_size - len(chunk)  # fixed shapes: one compilation
+        pad = batch_size - len(chunk)  # a fixed batch: one compilation per (lc, ls)
         chunk = chunk + [chunk[-1]] * pad
-        lc = max(len(r[2]) for r in chunk)
-        ls = max(len(r[2]) + len(r[3]) for r in chunk)
+        # rows padded (segment id 0) to lengths the attention takes: an explicit fused kernel
+        # has length rules; the model reads ls - 1 tokens (inputs of the next-token targets)
+        lc = kernels.kernel_length(cfg, max(len(r[2]) for r in chunk))
+        ls = kernels.kernel_length(cfg, max(len(r[2]) + len(r[3]) for r in chunk) - 1) + 1
         ctx = np.zeros((batch_size, lc), np.int32)
         ctx_seg = np.zeros((batch_size, lc), np.int32)
         tokens = np.zeros((batch_size, ls), np.int32)

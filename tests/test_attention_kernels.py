@@ -184,6 +184,30 @@ def test_model_with_a_kernel_matches_xla(impl):
         np.testing.assert_allclose(a, b, err_msg=jax.tree_util.keystr(path[0]), **TOL)
 
 
+def test_choice_scoring_pads_rows_to_a_length_the_kernel_takes():
+    """Choice rows are as long as their text (here 9-19 tokens); scoring pads them (segment id 0)
+    to a length an explicit kernel takes, and the scores are those of xla at the rows' own
+    lengths (the baseline: no Z, so the padding changes no random draw)."""
+    from free_transformer_jax import evaluate as eval_lib
+    from free_transformer_jax.data.tokenizers import ByteTokenizer
+
+    assert kernels.kernel_length(kernel_cfg(attention_impl="splash", attention_interpret=True),
+                                 37) == 128
+    assert kernels.kernel_length(model_cfg(), 37) == 37
+    ref_cfg = model_cfg(latent=False, vocab_size=ByteTokenizer().vocab_size)
+    params = tiny_params(ref_cfg)
+    kernel = ref_cfg.replace(attention_impl="pallas_gpu" if ON_GPU else "splash",
+                             attention_interpret=not ON_GPU, attention_block_q=128,
+                             attention_block_kv=128)
+    examples = [{"context": "the cat", "choices": ["sat", "ran away"], "label": 0},
+                {"context": "one two", "choices": ["three four", "x"], "label": 1}]
+    scores = [eval_lib.score_choices(c, params, examples, ByteTokenizer(), key=jax.random.key(0),
+                                     z_samples=1, batch_size=4)
+              for c in (kernel, ref_cfg)]
+    for a, b in zip(scores[0]["per_example"], scores[1]["per_example"]):
+        np.testing.assert_allclose(a["loglik"], b["loglik"], **TOL)
+
+
 def test_decoding_with_a_cache_uses_the_xla_path():
     """A kernel config decodes (prefill + one token through the KV cache) exactly as xla."""
     ref_cfg = model_cfg()

@@ -47,6 +47,22 @@ def trace_impl(cfg: ModelConfig, seq_len: int, cached: bool) -> str:
     return resolved.attention_impl
 
 
+def kernel_length(cfg: ModelConfig, n: int) -> int:
+    """The shortest length >= ``n`` that ``cfg.attention_impl`` takes in a call without a cache:
+    ``n`` itself unless the choice is a fused kernel with length rules (Splash: multiples of 128
+    and of its blocks; the Pallas GPU kernel: of its blocks). For callers free to pad their rows
+    with segment id 0 (choice scoring), so an explicit kernel runs at any row length."""
+    impl = cfg.attention_impl
+    if impl not in _KERNELS:
+        return n
+    platform = context_platform()
+    for length in range(n, n + 8192):
+        if attention_impl_problem(cfg, impl, platform, length, None) is None:
+            return length
+    raise ConfigError(f"model.attention_impl={impl!r} "
+                      f"{attention_impl_problem(cfg, impl, platform, n, None)}")
+
+
 def _mesh_axes(names: tuple[str | None, ...]):
     return nn.logical_to_mesh_axes(names)
 
