@@ -332,13 +332,15 @@ class Checkpointer:
     def restore_state(self, abstract_state: TrainState, *, step: int | None = None,
                       data_iter: Any = None, model: Mapping[str, Any] | None = None) -> TrainState:
         """The full training state (and the data iterator, in place) into ``abstract_state``'s
-        shardings. Without ``step``: the latest readable step; an unreadable one is moved to
-        ``corrupt_checkpoints/`` with a one-line warning and the previous step is tried. A data
-        state that reads but does not fit ``data_iter`` (another data layout) is a one-line
-        error that moves nothing: the checkpoint is sound, the settings are not the run's."""
+        shardings. Without ``step``: the latest readable step; the unreadable ones after it are
+        moved to ``corrupt_checkpoints/`` with a one-line warning each. When no step reads, nothing
+        is moved (a one-line error). A data state that reads but does not fit ``data_iter``
+        (another data layout) is a one-line error that moves nothing: the checkpoint is sound,
+        the settings are not the run's."""
         explicit = step is not None
         step = self._check_step(step)
         self.check_shapes(step, abstract_state.params, model)  # before anything is read
+        failed: list[tuple[int, CheckpointError]] = []  # unreadable steps, latest first
         while True:
             items = {"params": ocp.args.StandardRestore(abstract_state.params),
                      "opt": ocp.args.StandardRestore({"step": abstract_state.step,
@@ -354,17 +356,19 @@ class Checkpointer:
             except CheckpointError as e:
                 if explicit:
                     raise
+                failed.append((step, e))
                 earlier = [s for s in self.all_steps() if s < step]
-                quarantined = self._move_aside(step)
-                logging.warning("checkpoint step %d is unreadable (%s); moved it to %s; %s", step,
-                                first_line(e.__cause__ or e), quarantined,
-                                f"resuming from step {max(earlier)}" if earlier
-                                else "no earlier checkpoint")
-                if not earlier:
-                    raise CheckpointError(f"no readable checkpoint in {self.directory} (the "
-                                          f"unreadable ones were moved to {self.quarantine}); "
-                                          "rerun to start from scratch") from e
+                if not earlier:  # nothing reads: more likely the storage than every step; keep all
+                    latest, err = failed[0]
+                    raise CheckpointError(
+                        f"no checkpoint in {self.directory} could be read ({len(failed)} tried; "
+                        f"step {latest}: {first_line(err.__cause__ or err)}); nothing was moved: "
+                        "rerun once the storage is reachable, or, if they are damaged, move them "
+                        "away or use another --workdir") from err
                 step = max(earlier)
+        for bad, e in failed:  # below a readable step: moved aside, so the run can save it again
+            logging.warning("checkpoint step %d is unreadable (%s); moved it to %s; resuming from "
+                            "step %d", bad, first_line(e.__cause__ or e), self._move_aside(bad), step)
         if data_iter is not None and hasattr(data_iter, "start_prefetch"):
             data_iter.start_prefetch()  # as grain's Orbax handler does after set_state
         return TrainState(step=restored["opt"]["step"], params=restored["params"],

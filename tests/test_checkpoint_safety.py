@@ -282,6 +282,23 @@ def test_a_truncated_latest_checkpoint_is_reported_in_one_line_and_skipped(tmp_p
     _assert_bit_identical(workdir, straight[1])
 
 
+def test_when_no_step_reads_nothing_is_moved_and_the_error_is_one_line(tmp_path, straight):
+    """Every step unreadable is more likely the storage (an outage, permissions) than every
+    checkpoint: moving them all aside would leave a restarted job to start from scratch."""
+    workdir = tmp_path / "none_reads"
+    shutil.copytree(straight[0], workdir)
+    steps = sorted(os.listdir(workdir / "checkpoints"))
+    for d in (workdir / "checkpoints").glob("*/params/**/d"):
+        for f in d.iterdir():
+            os.truncate(f, 0)
+    with pytest.raises(CheckpointError, match=rf"no checkpoint in .* could be read \(3 tried; step "
+                                              rf"{STEPS}: .*\); nothing was moved") as e:
+        train(run_config(), str(workdir))
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(workdir / "checkpoints")) == steps
+    assert not (workdir / "corrupt_checkpoints").exists()
+
+
 # The data-iterator state ------------------------------------------------------------------------------
 def _data_file(workdir, step):
     return workdir / "checkpoints" / str(step) / "data" / "process_0-of-1.json"
